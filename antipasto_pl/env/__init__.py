@@ -1,0 +1,1 @@
+"""Loophole coding environment: problems, grader modes, strict oracle, sandbox, pairs, teacher pool."""
