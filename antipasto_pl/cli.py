@@ -1,7 +1,8 @@
 """`antipasto`: LightningCLI for fit/validate/test/predict, plus project subcommands.
 
-Extra subcommands (`antipasto build-pool ...`, ...) are plain typed functions turned
-into CLIs by jsonargparse, registered in ``EXTRA_COMMANDS`` as "module:function".
+Extra subcommands (``antipasto build-pool ...``) are plain typed functions whose
+signatures and docstrings jsonargparse turns into CLIs; they are registered in
+``EXTRA_COMMANDS`` as "module:function" and imported only when called.
 """
 
 from __future__ import annotations
@@ -10,7 +11,17 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-EXTRA_COMMANDS: dict[str, str] = {}
+from lightning.pytorch.cli import LightningCLI
+
+EXTRA_COMMANDS: dict[str, str] = {
+    "build-pool": "antipasto_pl.env.pool:build_pool_command",
+}
+
+DESCRIPTION = (
+    "antipasto_pl: GRPO on loophole coding graders through an SVD adapter, with hack-subspace "
+    "gradient projection. Lightning subcommands: fit, validate, test, predict "
+    "(e.g. `antipasto fit --config configs/smoke.yaml`). Project subcommands: {extra}."
+)
 
 
 def _load(target: str) -> Callable:
@@ -18,14 +29,34 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module_name), attr)
 
 
+class AntipastoCLI(LightningCLI):
+    """LightningCLI with the project's module and data module as defaults."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        from antipasto_pl.data import AntipastoDataModule
+        from antipasto_pl.module import AntipastoModule
+
+        extra = ", ".join(EXTRA_COMMANDS) or "none yet"
+        super().__init__(
+            AntipastoModule,
+            AntipastoDataModule,
+            args=args,
+            run=run,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION.format(extra=extra)},
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``antipasto`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
         from jsonargparse import auto_cli
 
         auto_cli(_load(EXTRA_COMMANDS[args[0]]), args=args[1:], as_positional=False)
         return
-    raise SystemExit("LightningCLI not wired yet")
+    AntipastoCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,337 @@
+"""The SVD adapter: the policy's only trainable parameters.
+
+Each targeted ``nn.Linear`` with weight ``W = U diag(sigma) Vh`` (thin SVD, optionally
+capped to the top ``r_max`` axes) gets a child ``svd_adapter`` holding two trainable
+vectors of length r, both zero at init, and a forward hook that adds
+
+    y = W x + U diag(delta_s + delta_s_hack) Vh x
+
+The base path is left untouched, so with zero vectors the output is bit-identical to
+the base model. ``U``/``Vh`` are non-persistent buffers (never in checkpoints), loaded
+from an SVD cache keyed by a hash of the weight bytes.
+
+Contexts switch what the hooks add: ``reference_policy`` (nothing: pi_ref for the KL),
+``quarantine_ablated`` (``delta_s`` only: the deployed view of a routed model) and
+``merged_weights`` (the adapter folded into ``W`` for fast sampling, hooks bypassed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from antipasto_pl.models import cache_root, check_decoder_only
+
+log = logging.getLogger(__name__)
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+GATED_DELTANET_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+DEFAULT_TARGETS = ATTENTION_TARGETS + MLP_TARGETS + GATED_DELTANET_TARGETS
+ADAPTER_FORMAT = "antipasto-svd-adapter/1"
+
+# What the hooks add: both vectors, delta_s only (quarantine ablated), or nothing.
+FULL, ABLATE_HACK, OFF = "full", "ablate_hack", "off"
+
+
+@dataclass
+class AdapterConfig:
+    """Which Linear layers get an SVD adapter.
+
+    Args:
+        target_modules: final name components of the ``nn.Linear`` layers to wrap
+            (attention, MLP and GatedDeltaNet projections by default; never embeddings
+            or ``lm_head``).
+        r_max: keep only the top ``r_max`` singular axes per module (None: full rank).
+        svd_cache: cache SVD factors on disk, keyed by a hash of the weight bytes.
+        cache_dir: cache root (default: ``$ANTIPASTO_CACHE`` or ``~/.cache/antipasto_pl``).
+    """
+
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    r_max: int | None = None
+    svd_cache: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.r_max is not None and self.r_max < 1:
+            raise ValueError(f"adapter.r_max must be a positive integer or null, got {self.r_max}")
+        if not self.target_modules:
+            raise ValueError("adapter.target_modules must name at least one Linear layer")
+
+
+class SVDAdapter(nn.Module):
+    """Trainable singular-value offsets of one Linear layer.
+
+    ``delta_s`` is the policy's knob; ``delta_s_hack`` is the quarantine that only the
+    route arm moves and deployment zeroes.
+    """
+
+    def __init__(self, u: Tensor, vh: Tensor, weight_hash: str) -> None:
+        super().__init__()
+        rank = vh.shape[0]
+        self.delta_s = nn.Parameter(torch.zeros(rank, dtype=torch.float32, device=vh.device))
+        self.delta_s_hack = nn.Parameter(torch.zeros(rank, dtype=torch.float32, device=vh.device))
+        self.register_buffer("U", u, persistent=False)  # (d_out, r)
+        self.register_buffer("Vh", vh, persistent=False)  # (r, d_in)
+        self.weight_hash = weight_hash
+        self.mode = FULL
+
+    @property
+    def rank(self) -> int:
+        return self.delta_s.shape[0]
+
+    def effective_delta(self) -> Tensor:
+        """The singular-value offset the current mode applies: (r,)."""
+        if self.mode == FULL:
+            return self.delta_s + self.delta_s_hack
+        if self.mode == ABLATE_HACK:
+            return self.delta_s
+        return torch.zeros_like(self.delta_s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (..., d_in) -> (..., d_out) = U diag(delta) Vh x
+        coords = nn.functional.linear(x, self.Vh.to(x.dtype))
+        return nn.functional.linear(coords * self.effective_delta().to(x.dtype), self.U.to(x.dtype))
+
+    def delta_weight(self) -> Tensor:
+        """U diag(delta) Vh in float32: (d_out, d_in)."""
+        return (self.U.float() * self.effective_delta().float()) @ self.Vh.float()
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, weight_hash={self.weight_hash[:12]}"
+
+
+def _adapter_hook(linear: nn.Linear, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    adapter: SVDAdapter = linear.svd_adapter
+    if adapter.mode == OFF:
+        return output
+    return output + adapter(args[0])
+
+
+def weight_hash(weight: Tensor) -> str:
+    """blake2b of the weight's bytes, shape and dtype: the identity of a base layer."""
+    flat = weight.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
+    digest.update(memoryview(flat))
+    return digest.hexdigest()
+
+
+def svd_factors(weight: Tensor, r_max: int | None, cache_dir: Path | None) -> tuple[Tensor, Tensor, str]:
+    """Thin SVD of ``weight`` truncated to ``r_max``: U (d_out, r), Vh (r, d_in), weight hash.
+
+    Computed in float32 and stored in the weight's dtype; cached by the weight hash, so a
+    stale cache cannot be loaded for a changed weight.
+    """
+    key = weight_hash(weight)
+    rank = min(weight.shape) if r_max is None else min(r_max, *weight.shape)
+    path = None if cache_dir is None else cache_dir / f"{key}-r{rank}.safetensors"
+    if path is not None and path.is_file():
+        factors = load_file(path, device=str(weight.device))
+        return factors["U"], factors["Vh"], key
+    u, _, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    u = u[:, :rank].to(weight.dtype).contiguous()
+    vh = vh[:rank].to(weight.dtype).contiguous()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file({"U": u.cpu(), "Vh": vh.cpu()}, tmp)
+        os.replace(tmp, path)
+    return u, vh, key
+
+
+def target_linears(model: nn.Module, target_modules: list[str] | tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Linear layers whose last name component is a target, in model order."""
+    targets = set(target_modules)
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    }
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    n_modules: int
+    n_trainable: int
+    n_base_params: int
+
+
+def wrap_model(model: nn.Module, cfg: AdapterConfig | None = None) -> AdapterSummary:
+    """Freeze ``model`` and attach an ``SVDAdapter`` to every targeted Linear, in place."""
+    cfg = cfg or AdapterConfig()
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no transformers config; expected a causal LM")
+    check_decoder_only(config, type(model).__name__)
+    if adapter_modules(model):
+        raise RuntimeError(f"{type(model).__name__} already carries SVD adapters; wrap a model once")
+    linears = target_linears(model, cfg.target_modules)
+    if not linears:
+        raise ValueError(
+            f"no nn.Linear in {type(model).__name__} is named like adapter.target_modules="
+            f"{list(cfg.target_modules)}"
+        )
+    cache_dir = cache_root(cfg.cache_dir) / "svd" if cfg.svd_cache else None
+    n_base = sum(p.numel() for p in model.parameters())
+    model.requires_grad_(False)
+    for linear in linears.values():
+        u, vh, key = svd_factors(linear.weight, cfg.r_max, cache_dir)
+        linear.svd_adapter = SVDAdapter(u, vh, key)
+        linear.register_forward_hook(_adapter_hook)
+    n_trainable = sum(p.numel() for p in adapter_parameters(model))
+    log.info("SVD adapter: wrapped %d modules, %d trainable parameters (base model %d)",
+             len(linears), n_trainable, n_base)
+    return AdapterSummary(len(linears), n_trainable, n_base)
+
+
+def adapter_modules(model: nn.Module) -> dict[str, SVDAdapter]:
+    """Wrapped Linear name -> its adapter, in model order."""
+    return {
+        name.removesuffix(".svd_adapter"): module
+        for name, module in model.named_modules()
+        if isinstance(module, SVDAdapter)
+    }
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for a in adapter_modules(model).values() for p in (a.delta_s, a.delta_s_hack)]
+
+
+@contextlib.contextmanager
+def _adapter_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    adapters = list(adapter_modules(model).values())
+    previous = [a.mode for a in adapters]
+    try:
+        for a in adapters:
+            a.mode = mode
+        yield
+    finally:
+        for a, m in zip(adapters, previous):
+            a.mode = m
+
+
+def reference_policy(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """pi_ref for the KL term: the base model, as if both vectors were zero."""
+    return _adapter_mode(model, OFF)
+
+
+def quarantine_ablated(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Deployment view of a routed model: ``delta_s_hack`` zeroed, ``delta_s`` kept."""
+    return _adapter_mode(model, ABLATE_HACK)
+
+
+@contextlib.contextmanager
+def merged_weights(model: nn.Module) -> Iterator[None]:
+    """Fold the current adapter (respecting an enclosing ablation) into the weights.
+
+    Sampling then runs at base-model speed with the hooks bypassed. The original weights
+    are kept aside and copied back on exit, so the restore is exact.
+    """
+    adapters = adapter_modules(model)
+    linears = dict(model.named_modules())
+    saved: dict[str, Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, adapter in adapters.items():
+                weight = linears[name].weight
+                delta_weight = adapter.delta_weight()
+                saved[name] = weight.detach().clone()
+                weight.copy_((weight.float() + delta_weight).to(weight.dtype))
+        with _adapter_mode(model, OFF):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                linears[name].weight.copy_(original)
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """The trained vectors: ``{module}.delta_s`` and ``{module}.delta_s_hack``."""
+    state = {}
+    for name, a in adapter_modules(model).items():
+        state[f"{name}.delta_s"] = a.delta_s.detach().cpu().contiguous()
+        state[f"{name}.delta_s_hack"] = a.delta_s_hack.detach().cpu().contiguous()
+    return state
+
+
+def adapter_metadata(model: nn.Module) -> dict:
+    """What an adapter file must match: module names, ranks, base-weight hashes."""
+    config = getattr(model, "config", None)
+    return {
+        "format": ADAPTER_FORMAT,
+        "model_type": getattr(config, "model_type", None),
+        "name_or_path": getattr(config, "name_or_path", None),
+        "modules": {name: {"rank": a.rank, "weight_hash": a.weight_hash} for name, a in adapter_modules(model).items()},
+    }
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> None:
+    """Write the adapter vectors and their metadata to a safetensors file (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(adapter_state(model), tmp, metadata={"antipasto": json.dumps(adapter_metadata(model))})
+    os.replace(tmp, path)
+
+
+def check_adapter_metadata(model: nn.Module, found: dict, source: str) -> None:
+    """Raise, naming the module and expected vs found, if ``found`` does not fit ``model``."""
+    expected = adapter_metadata(model)
+    if found.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{source}: format {found.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    exp_modules, found_modules = expected["modules"], found.get("modules", {})
+    missing = [n for n in exp_modules if n not in found_modules]
+    extra = [n for n in found_modules if n not in exp_modules]
+    if missing or extra:
+        detail = f"missing module {missing[0]!r}" if missing else f"unexpected module {extra[0]!r}"
+        raise ValueError(
+            f"{source} does not match the model's adapter modules: {detail} "
+            f"(model wraps {len(exp_modules)} modules, file has {len(found_modules)}; "
+            "were adapter.target_modules the same?)"
+        )
+    for name, exp in exp_modules.items():
+        got = found_modules[name]
+        if got.get("rank") != exp["rank"]:
+            raise ValueError(
+                f"{source}: module {name!r} has rank {got.get('rank')} there, but the model's adapter has "
+                f"rank {exp['rank']} (was adapter.r_max the same?)"
+            )
+        if got.get("weight_hash") != exp["weight_hash"]:
+            raise ValueError(
+                f"{source}: module {name!r} was trained on a base weight with hash "
+                f"{str(got.get('weight_hash'))[:12]}..., but this model's is {exp['weight_hash'][:12]}... "
+                "(another base model or dtype?)"
+            )
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> None:
+    """Load adapter vectors saved by ``save_adapter`` after checking they fit ``model``."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("antipasto")
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors adapter file: {err}") from err
+    if raw is None:
+        raise ValueError(f"{path} has no antipasto adapter metadata; expected a file written by save_adapter")
+    check_adapter_metadata(model, json.loads(raw), str(path))
+    state = load_file(str(path))
+    with torch.no_grad():
+        for name, a in adapter_modules(model).items():
+            a.delta_s.copy_(state[f"{name}.delta_s"])
+            a.delta_s_hack.copy_(state[f"{name}.delta_s_hack"])

@@ -1,0 +1,72 @@
+"""Sampling completions from the policy (the "generate" stage of a GRPO step).
+
+The sampler is an interface so a vLLM backend can replace Hugging Face ``generate`` on
+GPUs; the default samples on merged weights, at the speed of the base model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from antipasto_pl.adapter import merged_weights
+from antipasto_pl.sequences import chat_prompt
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled.
+
+    Args:
+        max_new_tokens: completion length cap.
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus sampling mass.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+class Sampler(Protocol):
+    def __call__(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], num_samples: int,
+        config: SamplingConfig,
+    ) -> list[list[str]]: ...
+
+
+@torch.no_grad()
+def hf_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_samples: int,
+    config: SamplingConfig,
+) -> list[list[str]]:
+    """``num_samples`` completions per prompt, sampled with ``generate`` on merged weights."""
+    texts = [chat_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    greedy = config.temperature == 0
+    with merged_weights(model):
+        output = model.generate(
+            **inputs,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else config.temperature,
+            top_p=None if greedy else config.top_p,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
