@@ -1,0 +1,219 @@
+"""GRPO loss pieces (DESIGN section 7): group advantages, token log-probs, PPO clip, K3 KL, reduction.
+
+Pure tensor functions, free of Lightning, so the loss can be checked by hand. Shapes: B completions
+(P prompts x G completions per group, flattened), T completion-aligned token positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Reduction = Literal["dr_grpo", "sequence"]
+
+
+def _flat_groups(rewards: Tensor, group_ids: Tensor | None) -> tuple[Tensor, Tensor, int]:
+    """Rewards as a float vector plus a dense group index, whichever of the two layouts was given."""
+    # rewards: (P, G) without group_ids, else (N,) with group_ids: (N,) in [0, n_groups)
+    flat = rewards if rewards.is_floating_point() else rewards.float()
+    if group_ids is None:
+        if rewards.dim() != 2:
+            raise ValueError(f"rewards without group_ids must be (P, G), got shape {tuple(rewards.shape)}")
+        n_groups, group_size = rewards.shape
+        ids = torch.arange(n_groups, device=rewards.device).repeat_interleave(group_size)
+        return flat.reshape(-1), ids, n_groups
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and group_ids must both be (N,), got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
+        )
+    ids = group_ids.long()
+    return flat, ids, int(ids.max()) + 1 if ids.numel() else 0
+
+
+def _group_stats(flat: Tensor, ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group mean, sample std (Bessel-corrected, as TRL) and whether the rewards vary at all."""
+    # flat, ids: (N,) -> mean, std, varies: (n_groups,)
+    zeros = flat.new_zeros(n_groups)
+    counts = torch.bincount(ids, minlength=n_groups).to(flat.dtype)
+    mean = zeros.index_add(0, ids, flat) / counts.clamp_min(1)
+    squared = zeros.index_add(0, ids, (flat - mean[ids]) ** 2)
+    std = torch.sqrt(squared / (counts - 1).clamp_min(1))
+    highest = zeros.scatter_reduce(0, ids, flat, "amax", include_self=False)
+    lowest = zeros.scatter_reduce(0, ids, flat, "amin", include_self=False)
+    return mean, std, highest > lowest
+
+
+def nonzero_variance_groups(rewards: Tensor, group_ids: Tensor | None = None) -> Tensor:
+    """Which groups carry a learning signal; a group whose rewards are all equal is skipped (no gradient).
+
+    Exact comparison (max > min), not std > eps, so equal rewards are never mistaken for signal.
+    """
+    # rewards: (P, G) -> (P,) bool; or rewards, group_ids: (N,) -> (n_groups,) bool
+    return _group_stats(*_flat_groups(rewards, group_ids))[2]
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_ids: Tensor | None = None,
+    scale_by_std: bool = False,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Dr.GRPO advantage A = R - mean_group(R); `scale_by_std` divides by the group's sample std
+    (classic GRPO).
+
+    Zero-variance groups get exactly 0 (not a rounding residue of R - mean). A zero advantage still
+    leaves the KL term's gradient, so to skip such groups entirely the caller also zeroes their rows
+    of the completion mask (see `nonzero_variance_groups`); the fixed Dr.GRPO denominator is kept.
+    """
+    # rewards: (P, G) -> (P, G); or rewards, group_ids: (N,) -> (N,)
+    flat, ids, n_groups = _flat_groups(rewards, group_ids)
+    mean, std, varies = _group_stats(flat, ids, n_groups)
+    advantages = flat - mean[ids]
+    if scale_by_std:
+        advantages = advantages / (std[ids] + eps)
+    advantages = torch.where(varies[ids], advantages, torch.zeros_like(advantages))
+    return advantages.reshape(rewards.shape)
+
+
+def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
+
+    log_softmax + gather in at least float32 (bf16 logits are upcast), one sequence at a time so the
+    upcast copy of the (T, vocab) logits exists for one row only. Entry t scores token t+1, so a
+    completion mask over input_ids is aligned with `mask[:, 1:]`.
+    """
+    # logits: (B, T, V), input_ids: (B, T) -> (B, T-1)
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    targets = input_ids[:, 1:]
+    rows = [
+        torch.log_softmax(row[:-1].to(compute_dtype), dim=-1).gather(-1, target[:, None]).squeeze(-1)
+        for row, target in zip(logits, targets)
+    ]
+    return torch.stack(rows)
+
+
+def _per_token(advantages: Tensor) -> Tensor:
+    # advantages: (B,) -> (B, 1); (B, T) unchanged
+    return advantages[:, None] if advantages.dim() == 1 else advantages
+
+
+def ppo_clip_token_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, clip_eps: float) -> Tensor:
+    """PPO clipped surrogate -min(rho A, clip(rho, 1-eps, 1+eps) A), rho = exp(logp - logp_old).
+
+    With logp_old = logp.detach() (one optimizer step per rollout batch) rho = 1 and the gradient is
+    -A * grad(logp).
+    """
+    # logp, logp_old: (B, T), advantages: (B,) or (B, T) -> (B, T)
+    advantages = _per_token(advantages)
+    ratio = torch.exp(logp - logp_old)
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """K3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1; >= 0, 0 iff equal."""
+    # logp, ref_logp: (B, T) -> (B, T)
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def per_sequence_loss(
+    token_loss: Tensor,
+    completion_mask: Tensor,
+    mode: Reduction = "dr_grpo",
+    denom: float | None = None,
+) -> Tensor:
+    """Each completion's share of the reduced loss; its sum is the loss, so any split of the rows
+    (student / teacher) gives parts that add up to the whole.
+
+    - "dr_grpo": sum of the completion's masked token losses / denom, with denom the fixed constant
+      G * max_new_tokens * P (required), so no completion is up-weighted for being short.
+    - "sequence" (classic GRPO): mean over the completion's own tokens / denom, with denom the
+      number of completions (default B, the rows given). Pass the full batch size when scoring a
+      subset so the parts still sum to the whole.
+
+    Masked positions are selected out (not multiplied by 0), so inf / nan there cannot leak.
+    """
+    # token_loss, completion_mask: (B, T) -> (B,)
+    mask = completion_mask.bool()
+    summed = torch.where(mask, token_loss, 0.0).sum(dim=-1)
+    if mode == "dr_grpo":
+        if denom is None:
+            raise ValueError("dr_grpo reduction needs the fixed denom G * max_new_tokens * P")
+        return summed / denom
+    if mode == "sequence":
+        lengths = mask.sum(dim=-1).clamp_min(1)
+        return summed / lengths / (token_loss.shape[0] if denom is None else denom)
+    raise ValueError(f"unknown reduction mode {mode!r}; expected 'dr_grpo' or 'sequence'")
+
+
+def reduce_loss(
+    token_loss: Tensor,
+    completion_mask: Tensor,
+    mode: Reduction = "dr_grpo",
+    denom: float | None = None,
+) -> Tensor:
+    """Scalar loss: the sum of `per_sequence_loss` (see there for the two modes)."""
+    # token_loss, completion_mask: (B, T) -> ()
+    return per_sequence_loss(token_loss, completion_mask, mode, denom).sum()
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    # values, mask: (B, T) -> ()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class GRPOLoss:
+    """The reduced loss, its per-completion parts and detached statistics for logging."""
+
+    loss: Tensor  # (): equals per_sequence.sum()
+    per_sequence: Tensor  # (B,): index with the student / teacher rows to get loss_s, loss_t
+    stats: dict[str, Tensor]  # detached scalars: rho_mean, clip_frac, kl_mean (when ref_logp given)
+
+
+def grpo_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    logp_old: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    clip_eps: float = 0.2,
+    mode: Reduction = "dr_grpo",
+    denom: float | None = None,
+) -> GRPOLoss:
+    """Per token PPO-clip + beta * K3, masked and reduced (DESIGN section 7).
+
+    `logp_old` defaults to logp.detach() (rho = 1: one optimizer step per rollout batch; teacher
+    samples have no sampling policy of their own either). `ref_logp` comes from the free reference
+    (adapter zeroed) and is required when beta > 0; given with beta = 0 it is only logged.
+    clip_frac counts tokens whose gradient the clip removed (rho > 1+eps with A > 0, or
+    rho < 1-eps with A < 0).
+    """
+    # logp, logp_old, ref_logp, completion_mask: (B, T), advantages: (B,) or (B, T)
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp from the reference policy")
+    if logp_old is None:
+        logp_old = logp.detach()
+    mask = completion_mask.bool()
+    token_loss = ppo_clip_token_loss(logp, logp_old, advantages, clip_eps)
+    kl = None if ref_logp is None else k3_kl(logp, ref_logp)
+    if kl is not None and beta != 0.0:
+        token_loss = token_loss + beta * kl
+    per_sequence = per_sequence_loss(token_loss, mask, mode, denom)
+
+    with torch.no_grad():
+        ratio = torch.exp(logp - logp_old)
+        per_token_advantages = _per_token(advantages)
+        clipped = ((ratio > 1 + clip_eps) & (per_token_advantages > 0)) | (
+            (ratio < 1 - clip_eps) & (per_token_advantages < 0)
+        )
+        stats = {"rho_mean": _masked_mean(ratio, mask), "clip_frac": _masked_mean(clipped.float(), mask)}
+        if kl is not None:
+            stats["kl_mean"] = _masked_mean(kl, mask)
+    return GRPOLoss(loss=per_sequence.sum(), per_sequence=per_sequence, stats=stats)
