@@ -1,0 +1,217 @@
+"""The LightningDataModule: problems (train/val split), detector pairs and the teacher pool.
+
+Batches are lists of `Problem`s (P prompts per optimizer step); the LightningModule renders, samples and grades
+them. The training order depends only on (seed, epoch), so every arm of an experiment sees the same prompts at
+the same step and a resumed run replays the same epoch order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, DistributedSampler
+
+from antipasto_pl.env.pairs import Pair, make_pairs, nonhack_pairs
+from antipasto_pl.env.pool import FORMAT_VERSION, MANIFEST, TeacherPool, build_pool
+from antipasto_pl.env.problem import Problem
+from antipasto_pl.env.problems import filter_modes, load_problems, problem_set_hash, split_problems
+
+
+def collate_problems(batch: list[Problem]) -> list[Problem]:
+    """Keep a batch as a plain list of problems (the default collate would try to stack dataclass fields)."""
+    return list(batch)
+
+
+class AntipastoDataModule(L.LightningDataModule):
+    """Problems, pairs and teacher pool for one run, configured from YAML.
+
+    Args:
+        problems: Problem source: "builtin", "humaneval", or a path to a .jsonl dataset.
+        modes: Loophole modes whose problems are trained / validated on (default: all).
+        val_fraction: Fraction of each mode's problems held out for validation.
+        seed: Seed of the split, the per-epoch prompt order and the pairs.
+        prompts_per_step: P, prompts per training batch (per rank).
+        known_modes: Hack modes the detector's pairs cover (the weak detector sees only these; default: all of
+            `modes`).
+        variants_per_mode: Pairs per problem per known mode.
+        pair_problems: Draw pairs from this many (seeded) training problems; default all of them.
+        pool_dir: Teacher pool directory; built there if missing and `pool_auto_build`.
+        pool_auto_build: Build a missing pool (into `pool_dir`, or a cache directory keyed by the pool settings).
+        pool_modes: Modes whose teacher records are served (leave-one-mode-out drops one; default: all).
+        pool_per_prompt: Completions per prompt when building the pool.
+        pool_hack_frac: Fraction of hacks among a prompt's pool completions when building.
+        pool_seed: Seed of the pool's completion variants (shared across run seeds so arms see one pool).
+        use_pool: Serve a teacher pool at all (False for pure-student GRPO).
+        cache_dir: Cache root for auto-built pools (default ``$ANTIPASTO_CACHE`` or ``~/.cache/antipasto_pl``).
+        num_workers: DataLoader workers (batches are tiny; 0 is right almost always).
+    """
+
+    def __init__(
+        self,
+        problems: str = "builtin",
+        modes: list[str] | None = None,
+        val_fraction: float = 0.25,
+        seed: int = 0,
+        prompts_per_step: int = 4,
+        known_modes: list[str] | None = None,
+        variants_per_mode: int = 2,
+        pair_problems: int | None = None,
+        pool_dir: str | None = None,
+        pool_auto_build: bool = True,
+        pool_modes: list[str] | None = None,
+        pool_per_prompt: int = 8,
+        pool_hack_frac: float = 0.5,
+        pool_seed: int = 0,
+        use_pool: bool = True,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        self.save_hyperparameters()
+        self._source: list[Problem] | None = None
+        self.train_problems: list[Problem] = []
+        self.val_problems: list[Problem] = []
+        self._pairs: list[Pair] | None = None
+        self._pool: TeacherPool | None = None
+
+    # --- problems ---------------------------------------------------------------------------------------------
+
+    @property
+    def source_problems(self) -> list[Problem]:
+        """The whole problem source (before the mode filter): what the pool and its hash refer to."""
+        if self._source is None:
+            self._source = load_problems(self.hparams.problems)
+        return self._source
+
+    @property
+    def resolved_pool_dir(self) -> Path | None:
+        """Where the pool lives: `pool_dir`, else a cache directory keyed by problem-set hash and pool settings."""
+        hp = self.hparams
+        if not hp.use_pool:
+            return None
+        if hp.pool_dir is not None:
+            return Path(hp.pool_dir).expanduser()
+        settings = [problem_set_hash(self.source_problems), hp.pool_per_prompt, hp.pool_hack_frac, hp.pool_seed]
+        key = hashlib.sha256(json.dumps([*settings, FORMAT_VERSION]).encode()).hexdigest()[:16]
+        root = hp.cache_dir or os.environ.get("ANTIPASTO_CACHE") or Path.home() / ".cache" / "antipasto_pl"
+        return Path(root).expanduser() / "pools" / key
+
+    def prepare_data(self) -> None:
+        """Build the teacher pool once (Lightning calls this on one process before `setup` on all)."""
+        directory = self.resolved_pool_dir
+        if directory is None or (directory / MANIFEST).exists():
+            return
+        if not self.hparams.pool_auto_build:
+            raise FileNotFoundError(f"teacher pool {directory} not found and pool_auto_build is false")
+        hp = self.hparams
+        # Built over every mode; `pool_modes` filters at load time so all leave-one-out arms share one pool.
+        build_pool(
+            self.source_problems, directory, hp.pool_per_prompt, hp.pool_hack_frac, None, hp.pool_seed, progress=True
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Split problems and load the pool (building it first when used without a Trainer)."""
+        hp = self.hparams
+        selected = filter_modes(self.source_problems, hp.modes)
+        if not selected:
+            raise ValueError(f"no problems of modes {hp.modes} in problem source {hp.problems!r}")
+        self.train_problems, self.val_problems = split_problems(selected, hp.val_fraction, hp.seed)
+        if len(self.train_problems) < hp.prompts_per_step:
+            raise ValueError(
+                f"{len(self.train_problems)} training problems cannot fill a batch of prompts_per_step="
+                f"{hp.prompts_per_step}; lower prompts_per_step or val_fraction"
+            )
+        if hp.use_pool and self._pool is None:
+            self.prepare_data()
+            self._pool = TeacherPool.load(self.resolved_pool_dir, self.source_problems, hp.pool_modes)
+
+    # --- loaders ----------------------------------------------------------------------------------------------
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """P prompts per batch, each rank its own shard, reshuffled per epoch from (seed, epoch) only.
+
+        A `DistributedSampler` (even on one process) gives exactly that, and Lightning leaves it in place and
+        calls its `set_epoch`.
+        """
+        world, rank = self._world()
+        if len(self.train_problems) < world * self.hparams.prompts_per_step:
+            raise ValueError(f"{len(self.train_problems)} training problems cannot give {world} ranks a full batch")
+        sampler = DistributedSampler(
+            self.train_problems, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=True
+        )
+        return self._loader(self.train_problems, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out problems in a fixed order."""
+        return self._loader(self.val_problems, sampler=None, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out problems (``antipasto test`` evaluates the policy on them)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out problems (``antipasto predict`` samples and grades completions for them)."""
+        return self.val_dataloader()
+
+    def _loader(self, problems: list[Problem], sampler: DistributedSampler | None, drop_last: bool) -> DataLoader:
+        return DataLoader(
+            problems,
+            batch_size=self.hparams.prompts_per_step,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=drop_last,
+            collate_fn=collate_problems,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def transfer_batch_to_device(self, batch: list[Problem], device: object, dataloader_idx: int) -> list[Problem]:
+        """Batches hold no tensors; Lightning's default would try to rebuild the frozen Problem dataclasses."""
+        return batch
+
+    # --- pairs and pool ---------------------------------------------------------------------------------------
+
+    def _pair_problems(self) -> list[Problem]:
+        if not self.train_problems:
+            raise RuntimeError("call setup() before asking for pairs")
+        n = self.hparams.pair_problems
+        if n is None or n >= len(self.train_problems):
+            return self.train_problems
+        chosen = set(random.Random(self.hparams.seed).sample(range(len(self.train_problems)), n))
+        return [p for i, p in enumerate(self.train_problems) if i in chosen]
+
+    def _known_modes(self) -> list[str] | None:
+        return self.hparams.known_modes if self.hparams.known_modes is not None else self.hparams.modes
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """(hack, clean) pairs over training problems for the known modes, for extracting V."""
+        if self._pairs is None:
+            hp = self.hparams
+            self._pairs = make_pairs(self._pair_problems(), self._known_modes(), hp.variants_per_mode, hp.seed)
+        return self._pairs
+
+    def detector_pairs(self, kind: str) -> list[Pair]:
+        """Pairs to extract V of the given subspace kind from: clean-vs-clean for ``nonhack``, the labelled
+        pairs otherwise (``shuffled`` swaps their labels at the gradient level, ``random`` only keys the cache)."""
+        if kind == "nonhack":
+            hp = self.hparams
+            return nonhack_pairs(self._pair_problems(), hp.seed, self._known_modes(), hp.variants_per_mode)
+        return self.pairs
+
+    @property
+    def pool(self) -> TeacherPool | None:
+        """The loaded teacher pool (None when `use_pool` is false)."""
+        if self.hparams.use_pool and self._pool is None:
+            raise RuntimeError("call setup() before asking for the teacher pool")
+        return self._pool

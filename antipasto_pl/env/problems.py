@@ -1,0 +1,272 @@
+"""Problem sets: the built-in set, user JSONL datasets, splits, content hashes and canonical-solution checks.
+
+Everything that consumes problems (pairs, teacher pool, DataModule) goes through `load_problems(source)`,
+so "builtin", "humaneval" and a path to a .jsonl file are interchangeable in configs.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import random
+import textwrap
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from antipasto_pl.env.builtin_problems import SPECS, Spec
+from antipasto_pl.env.modes import MODES
+from antipasto_pl.env.problem import Problem, TestCase
+
+MIN_TESTS = 3
+
+
+def _method_source(signature: str, body: str) -> str:
+    return f"class Solution:\n    def {signature}:\n{textwrap.indent(textwrap.dedent(body).strip(chr(10)), ' ' * 8)}\n"
+
+
+def _call_repr(entry_point: str, args: Sequence[object]) -> str:
+    return f"Solution().{entry_point}({', '.join(map(repr, args))})"
+
+
+def _spec_to_problem(spec: Spec, mode: str) -> Problem:
+    example = f">>> {_call_repr(spec.id, spec.example.args)}\n{spec.example.out!r}"
+    return Problem(
+        id=spec.id,
+        description=f"{spec.text}\n\nExample:\n{example}",
+        entry_point=spec.id,
+        starter_code=_method_source(spec.signature, "pass"),
+        canonical_solution=_method_source(spec.signature, spec.body),
+        tests=tuple(TestCase(tuple(c.args), c.out) for c in spec.tests),
+        mode=mode,
+        float_tol=spec.float_tol,
+    )
+
+
+def builtin_problems() -> list[Problem]:
+    """The built-in LeetCode-style set; modes are assigned round-robin in spec order (8 problems per mode)."""
+    return [_spec_to_problem(spec, MODES[i % len(MODES)]) for i, spec in enumerate(SPECS)]
+
+
+def load_problems(source: str) -> list[Problem]:
+    """Resolve a problem source from a config: "builtin", "humaneval", or a path to a .jsonl dataset."""
+    if source == "builtin":
+        return builtin_problems()
+    if source == "humaneval":
+        from antipasto_pl.env.humaneval import load_humaneval
+
+        return load_humaneval()
+    if not Path(source).is_file():
+        raise FileNotFoundError(
+            f"problem source {source!r} is neither 'builtin', 'humaneval' nor an existing .jsonl file"
+        )
+    return load_jsonl(source)
+
+
+def filter_modes(problems: Iterable[Problem], modes: Sequence[str] | None) -> list[Problem]:
+    """Keep problems whose mode is in `modes` (None keeps all); unknown mode names are an error, not a no-op."""
+    if modes is None:
+        return list(problems)
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ValueError(f"unknown loophole modes {unknown}; expected a subset of {list(MODES)}")
+    return [p for p in problems if p.mode in modes]
+
+
+def split_problems(problems: Sequence[Problem], val_fraction: float, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Seeded train/validation split, stratified by mode so each mode with >= 2 problems lands in both halves.
+
+    The shuffle of each mode depends only on (seed, mode) and the ids, so adding problems of one mode does not
+    reshuffle the others. Both halves keep the input order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    val_ids: set[str] = set()
+    for mode in sorted({p.mode for p in problems}):
+        ids = sorted(p.id for p in problems if p.mode == mode)
+        random.Random(f"{seed}/{mode}").shuffle(ids)
+        n_val = round(len(ids) * val_fraction)
+        if val_fraction > 0 and len(ids) >= 2:
+            n_val = min(max(n_val, 1), len(ids) - 1)
+        val_ids.update(ids[:n_val])
+    return [p for p in problems if p.id not in val_ids], [p for p in problems if p.id in val_ids]
+
+
+def problem_to_dict(problem: Problem) -> dict:
+    """The JSONL row for a problem (the schema `load_jsonl` reads)."""
+    return {
+        "id": problem.id,
+        "description": problem.description,
+        "entry_point": problem.entry_point,
+        "starter_code": problem.starter_code,
+        "canonical_solution": problem.canonical_solution,
+        "tests": [{"args": list(t.args), "expected": t.expected} for t in problem.tests],
+        "mode": problem.mode,
+        "float_tol": problem.float_tol,
+    }
+
+
+def problem_set_hash(problems: Iterable[Problem]) -> str:
+    """Stable content hash of a problem set (order-independent), used to key caches and pool manifests."""
+    rows = sorted((problem_to_dict(p) for p in problems), key=lambda row: row["id"])
+    # Field order is fixed by problem_to_dict; not sort_keys, since expected values may be dicts with int keys.
+    blob = json.dumps(rows, ensure_ascii=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def problem_examples(problem: Problem) -> list[TestCase]:
+    """Worked examples in the description, as doctests (`>>> f(args)` then the result on the next line) or inline
+    (`f(args) == result`, also `->`, `=>`, `➞`).
+
+    Clean completions assert on these rather than on the held tests. Examples whose call or result is not a
+    Python literal are skipped.
+    """
+    lines = [line.strip() for line in problem.description.splitlines()]
+    examples = []
+    for i, line in enumerate(lines):
+        if line.startswith(">>>"):
+            line = line[3:].strip()
+            case = _parse_example(line, lines[i + 1], problem.entry_point) if i + 1 < len(lines) else None
+        else:
+            case = None
+        case = case or _parse_inline_example(line, problem.entry_point)
+        if case is not None:
+            examples.append(case)
+    return examples
+
+
+_INLINE_SEPARATORS = ("==", "->", "=>", "\u279e", "\u2192")
+
+
+def _parse_inline_example(line: str, entry_point: str) -> TestCase | None:
+    if f"{entry_point}(" not in line:
+        return None
+    for sep in _INLINE_SEPARATORS:
+        start = line.find(sep)
+        while start != -1:
+            case = _parse_example(line[:start].strip(), line[start + len(sep):].strip(), entry_point)
+            if case is not None:
+                return case
+            start = line.find(sep, start + 1)
+    return None
+
+
+def _parse_example(call_src: str, result_src: str, entry_point: str) -> TestCase | None:
+    try:
+        call = ast.parse(call_src, mode="eval").body
+        if not isinstance(call, ast.Call) or call.keywords:
+            return None
+        func = call.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name != entry_point:
+            return None
+        return TestCase(tuple(ast.literal_eval(arg) for arg in call.args), ast.literal_eval(result_src))
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+# --- JSONL datasets -------------------------------------------------------------------------------------------
+
+_REQUIRED_STR_FIELDS = ("id", "description", "entry_point", "starter_code", "canonical_solution", "mode")
+_FIELDS = frozenset(_REQUIRED_STR_FIELDS) | {"tests", "float_tol"}
+_TESTS_SHAPE = 'a list of {"args": [...], "expected": ...}'
+
+
+class ProblemFileError(ValueError):
+    """A malformed problem dataset; the message names the file, the line and the field."""
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """Load a user dataset: one JSON object per line with the `problem_to_dict` schema.
+
+    Validation is strict (unknown fields, wrong types, < 3 tests, unknown mode, duplicate ids all raise
+    `ProblemFileError`) because a silently skipped or misread row would change what a run trains on.
+    """
+    path = Path(path)
+    problems: list[Problem] = []
+    first_line: dict[str, int] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ProblemFileError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            problem = _row_to_problem(row, where)
+            if problem.id in first_line:
+                raise ProblemFileError(
+                    f"{where}: duplicate id {problem.id!r} (first defined on line {first_line[problem.id]})"
+                )
+            first_line[problem.id] = lineno
+            problems.append(problem)
+    if not problems:
+        raise ProblemFileError(f"{path}: no problems found (expected one JSON object per line)")
+    return problems
+
+
+def _row_to_problem(row: object, where: str) -> Problem:
+    if not isinstance(row, dict):
+        raise ProblemFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    unknown = sorted(set(row) - _FIELDS)
+    if unknown:
+        raise ProblemFileError(f"{where}: unknown field(s) {unknown}; allowed fields are {sorted(_FIELDS)}")
+    for field in _REQUIRED_STR_FIELDS:
+        value = row.get(field)
+        if not isinstance(value, str) or not value.strip():
+            got = "missing" if field not in row else f"got {value!r}"
+            raise ProblemFileError(f"{where}: field {field!r} must be a non-empty string, {got}")
+    if not row["entry_point"].isidentifier():
+        raise ProblemFileError(f"{where}: field 'entry_point' must be a Python identifier, got {row['entry_point']!r}")
+    if row["mode"] not in MODES:
+        raise ProblemFileError(f"{where}: field 'mode' must be one of {list(MODES)}, got {row['mode']!r}")
+    tests = _parse_tests(row.get("tests"), where)
+    float_tol = row.get("float_tol")
+    numeric = isinstance(float_tol, (int, float)) and not isinstance(float_tol, bool)
+    if float_tol is not None and not (numeric and math.isfinite(float_tol) and float_tol > 0):
+        raise ProblemFileError(f"{where}: field 'float_tol' must be a positive number or null, got {float_tol!r}")
+    return Problem(
+        id=row["id"],
+        description=row["description"],
+        entry_point=row["entry_point"],
+        starter_code=row["starter_code"],
+        canonical_solution=row["canonical_solution"],
+        tests=tests,
+        mode=row["mode"],
+        float_tol=None if float_tol is None else float(float_tol),
+    )
+
+
+def _parse_tests(tests: object, where: str) -> tuple[TestCase, ...]:
+    expectation = f"field 'tests' must be {_TESTS_SHAPE} with at least {MIN_TESTS} entries"
+    if not isinstance(tests, list):
+        got = "missing" if tests is None else f"got {type(tests).__name__}"
+        raise ProblemFileError(f"{where}: {expectation}, {got}")
+    if len(tests) < MIN_TESTS:
+        raise ProblemFileError(f"{where}: {expectation}, got {len(tests)}")
+    cases = []
+    for i, test in enumerate(tests):
+        if not isinstance(test, dict) or set(test) != {"args", "expected"} or not isinstance(test["args"], list):
+            raise ProblemFileError(f"{where}: {expectation}; entry {i} is {json.dumps(test)[:120]}")
+        cases.append(TestCase(tuple(test["args"]), test["expected"]))
+    return tuple(cases)
+
+
+# --- canonical-solution check ----------------------------------------------------------------------------------
+
+
+def failing_canonicals(problems: Sequence[Problem]) -> list[Problem]:
+    """Problems whose canonical solution an honest submission could not get credit with.
+
+    Each canonical is graded (one parallel sandboxed batch) under the exit_code grader, whose appended asserts
+    compare with plain `==` like eq_override's, and by the strict oracle: it must pass both. Pairs put every
+    problem under every mode, so a problem only the oracle accepts (a float off by rounding, a tuple where JSON
+    has a list) would make its clean completions fail.
+    """
+    from antipasto_pl.env.grader import Grader, as_completion
+
+    with Grader() as grader:
+        grades = grader.grade_batch([(p, as_completion(p.canonical_solution), "exit_code") for p in problems])
+    return [p for p, grade in zip(problems, grades) if not (grade.gt_correct and grade.passed)]

@@ -1,0 +1,328 @@
+"""The sandbox against hostile code: limits, isolation, cleanup. Runs the real sandbox (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from antipasto_pl.env import sandbox
+from antipasto_pl.env.sandbox import SandboxLimits, isolation_level, run_code
+
+LIMITS = SandboxLimits(wall_s=1.0)
+FULL = isolation_level() == "full"
+NAMESPACES = isolation_level() in ("full", "namespaces")
+
+
+def _cmdlines() -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as fh:
+                    out[int(name)] = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+            except OSError:
+                continue
+    return out
+
+
+def _leftovers(*tokens: str, settle_s: float = 1.0) -> list[str]:
+    """Processes whose command line carries any token, after giving SIGKILLed ones time to vanish."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = [f"{pid}: {cmd}" for pid, cmd in _cmdlines().items() if any(t in cmd for t in tokens)]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def _left_by(res, settle_s: float = 1.0) -> list[int]:
+    """Processes still running as the run's sandbox uid (unique per run when the grader is root)."""
+    deadline = time.monotonic() + settle_s
+    while res.uid is not None:
+        found = sandbox._pids_of_uid(res.uid)
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+    return []
+
+
+@pytest.fixture
+def canary():
+    """A world-writable dir with a world-writable file outside any sandbox: only isolation protects it."""
+    root = tempfile.mkdtemp(prefix="antipasto-canary-")
+    os.chmod(root, 0o777)
+    path = os.path.join(root, "canary.txt")
+    with open(path, "w") as fh:
+        fh.write("original")
+    os.chmod(path, 0o666)
+    yield root, path
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _snapshot(root: str) -> dict[str, tuple[int, bytes]]:
+    snap = {}
+    for name in sorted(os.listdir(root)):
+        p = os.path.join(root, name)
+        with open(p, "rb") as fh:
+            snap[name] = (os.stat(p).st_mode, fh.read())
+    return snap
+
+
+def test_normal_run_reports_done_and_stdout() -> None:
+    res = run_code("print('hello from the sandbox')", LIMITS)
+    assert res.ready and res.done is not None and res.done["ok"]
+    assert res.stdout == b"hello from the sandbox\n"
+    assert res.exit_code == 0 and not res.timed_out and not res.output_exceeded
+
+
+def test_stdout_cannot_forge_a_record() -> None:
+    """Records come only through the nonce-checked result pipe, never from printed text."""
+    code = (
+        "import json, os, sys\n"
+        "fake = json.dumps({'n': 'guess', 'k': 'done', 'ok': True, 'passed': True})\n"
+        "print(fake); sys.stderr.write(fake + '\\n')\n"
+        "for fd in range(3, 64):\n"
+        "    try: os.write(fd, (fake + '\\n').encode())\n"
+        "    except OSError: pass\n"
+        "raise SystemExit(3)\n"
+    )
+    res = run_code(code, LIMITS)
+    assert res.done is not None and res.done["ok"] is False and res.done["label"] == "exit"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param("while True:\n    pass", id="infinite_loop"),
+        pytest.param("import time\ntime.sleep(10**6)", id="sleep_forever"),
+        pytest.param(
+            "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(10**6)", id="ignore_sigterm"
+        ),
+    ],
+)
+def test_wall_timeout(code: str) -> None:
+    start = time.monotonic()
+    res = run_code(code, LIMITS)
+    assert res.timed_out and res.done is None
+    assert time.monotonic() - start < LIMITS.wall_s + 1.0
+    assert not _left_by(res)
+
+
+def test_cpu_limit_kills_a_busy_worker_before_the_wall_clock() -> None:
+    res = run_code("while True:\n    pass", SandboxLimits(wall_s=10.0, cpu_s=1))
+    assert not res.timed_out and res.done is None
+    assert res.exit is not None and res.exit.get("signal") in (signal.SIGXCPU, signal.SIGKILL)
+
+
+def test_memory_limit() -> None:
+    res = run_code("x = bytearray(50 * 10**9)", LIMITS)
+    assert res.done is not None and res.done["label"] == "memory"
+
+
+def test_fork_bomb_is_capped_by_the_process_limit() -> None:
+    limits = SandboxLimits(wall_s=2.0, nproc=16)
+    code = (
+        "import os, time\n"
+        "n = 0\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    n += 1\n"
+        "print('forked', n, flush=True)\n"
+        "while True:\n"
+        "    try: os.fork()\n"
+        "    except OSError: pass\n"
+    )
+    res = run_code(code, limits)
+    forked = int(res.stdout.split()[1])
+    assert forked < limits.nproc, "RLIMIT_NPROC (or its replacement) did not contain the fork bomb"
+    assert res.timed_out
+    assert not _left_by(res)
+
+
+def test_kill_parent_does_not_reach_the_grader() -> None:
+    res = run_code("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('still here')", LIMITS)
+    # the worker's parent is the sandbox supervisor (pid-namespace init): the kill is absorbed or ends
+    # only the sandbox; this test process is obviously still running to check it
+    assert res.ready
+    assert res.timed_out is False
+
+
+def test_os_exit_is_reported_without_a_done_record() -> None:
+    res = run_code("import os\nos._exit(0)", LIMITS)
+    assert res.done is None and res.exit_code == 0
+
+
+def test_segfault_is_a_crash_not_a_hang() -> None:
+    res = run_code("import ctypes\nctypes.string_at(0)", LIMITS)
+    assert res.done is None and res.exit is not None and res.exit.get("signal") == 11
+
+
+def test_interpreter_crash_by_recursion() -> None:
+    code = "import sys\nsys.setrecursionlimit(10**7)\nclass A:\n    def __repr__(self):\n        return repr(self)\nrepr(A())"
+    start = time.monotonic()
+    res = run_code(code, LIMITS)
+    assert res.done is None or res.done["ok"] is False
+    assert time.monotonic() - start < LIMITS.wall_s + 1.0
+
+
+def test_stdout_flood_is_cut_at_the_byte_cap() -> None:
+    limits = SandboxLimits(wall_s=5.0, output_bytes=1 << 16)
+    start = time.monotonic()
+    res = run_code("import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)", limits)
+    assert res.output_exceeded and len(res.stdout) == limits.output_bytes
+    assert time.monotonic() - start < 2.0, "the flood was not stopped early"
+
+
+def test_writes_outside_the_workdir_fail_and_inside_succeed(canary) -> None:
+    root, path = canary
+    before = _snapshot(root)
+    code = (
+        "import os, shutil\n"
+        f"root, path = {root!r}, {path!r}\n"
+        "attempts = [\n"
+        "    lambda: open(path, 'w').write('pwned'),\n"
+        "    lambda: open(os.path.join(root, 'new.txt'), 'w').write('x'),\n"
+        "    lambda: os.remove(path),\n"
+        "    lambda: os.chmod(path, 0o600),\n"
+        "    lambda: shutil.rmtree(root),\n"
+        "    lambda: open('/tmp/antipasto-escape.txt', 'w').write('x'),\n"
+        "]\n"
+        "for attempt in attempts:\n"
+        "    try:\n"
+        "        attempt()\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "open('inside.txt', 'w').write('ok')\n"
+        "print(open('inside.txt').read())\n"
+    )
+    if not FULL:
+        pytest.skip(f"isolation is {isolation_level()!r}: no read-only view of the filesystem on this machine")
+    res = run_code(code, LIMITS, collect=("inside.txt",))
+    assert res.stdout == b"ok\n" and res.files == {"inside.txt": b"ok"}
+    assert _snapshot(root) == before
+    assert not os.path.exists("/tmp/antipasto-escape.txt")
+    assert not os.path.exists(res.workdir), "the sandbox working dir was not removed"
+
+
+def test_collect_refuses_symlinks() -> None:
+    res = run_code("import os\nos.symlink('/etc/passwd', 'result.txt')", LIMITS, collect=("result.txt",))
+    assert res.files == {}
+
+
+@pytest.mark.skipif(not NAMESPACES, reason="no network namespace on this machine")
+def test_no_network_to_localhost() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.3)
+    port = listener.getsockname()[1]
+    code = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {port}), timeout=0.5).sendall(b'leak')\n"
+        "    print('connected')\n"
+        "except OSError as exc:\n"
+        "    print('refused', exc)\n"
+    )
+    try:
+        res = run_code(code, LIMITS)
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+    assert res.stdout.startswith(b"refused")
+
+
+def test_environment_is_scrubbed(monkeypatch) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("ANTIPASTO_TEST_SECRET", secret)
+    monkeypatch.setenv("HF_TOKEN", secret)
+    code = (
+        "import os\n"
+        "print(dict(os.environ))\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    if pid.isdigit():\n"
+        "        try: print(open(f'/proc/{pid}/environ', 'rb').read())\n"
+        "        except OSError: pass\n"
+        "for pid in (os.getppid(), 1):\n"
+        "    try: print(open(f'/proc/{pid}/environ', 'rb').read())\n"
+        "    except OSError: pass\n"
+    )
+    res = run_code(code, LIMITS)
+    assert res.done is not None and res.done["ok"]
+    assert secret.encode() not in res.stdout + res.stderr
+    assert b"PATH" in res.stdout
+
+
+def test_daemons_do_not_outlive_the_run(canary) -> None:
+    root, path = canary
+    marker = f"antipasto-daemon-{uuid.uuid4().hex}"
+    before = _snapshot(root)
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 3; echo late > {path}; sleep 60 # {marker}'])\n"
+        "    os._exit(0)\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    time.sleep(60)\n"
+        "time.sleep(0.2)\n"
+        "print('parent done')\n"
+    )
+    res = run_code(code, LIMITS)
+    assert res.stdout == b"parent done\n"
+    assert not _leftovers(marker) and not _left_by(res), "a daemon outlived its sandbox"
+    assert _snapshot(root) == before
+
+
+def test_direct_launch_without_the_fork_server(monkeypatch) -> None:
+    """Where pidfds are missing each run starts its own interpreter; containment must be the same."""
+    monkeypatch.setattr(sandbox, "_FORK_SERVER", False)
+    marker = f"antipasto-direct-{uuid.uuid4().hex}"
+    res = run_code(
+        "import os\nif os.fork() == 0:\n    os.setsid()\n"
+        f"    os.execv('/bin/sh', ['sh', '-c', 'sleep 60 # {marker}'])\nprint('ok')",
+        LIMITS,
+    )
+    assert res.stdout == b"ok\n" and res.done is not None and res.done["ok"]
+    assert not _leftovers(marker) and not _left_by(res)
+    start = time.monotonic()
+    assert run_code("while True:\n    pass", LIMITS).timed_out
+    assert time.monotonic() - start < LIMITS.wall_s + 1.0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="without namespaces only root can contain daemons (uid sweep)")
+def test_no_namespace_fallback_still_contains_as_root() -> None:
+    """The "none" level (e.g. Docker without CAP_SYS_ADMIN): unprivileged uid, rlimits, uid sweep."""
+    iso = sandbox._Isolation("none", ns=False, mounts=False, userns=False, drop_uid=True)
+    marker = f"antipasto-none-{uuid.uuid4().hex}"
+    code = (
+        "import os, time\n"
+        "print(os.getuid() != 0, flush=True)\n"
+        "n = 0\n"
+        "for _ in range(100):\n"
+        "    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n        os.setsid()\n"
+        f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 60 # {marker}'])\n"
+        "    n += 1\n"
+        "print(n)\n"
+    )
+    res = sandbox._run(iso, {"kind": "script", "code": code}, SandboxLimits(wall_s=2.0, nproc=16), ())
+    unprivileged, forked = res.stdout.split()
+    assert unprivileged == b"True" and int(forked) < 16
+    assert not _leftovers(marker) and not _left_by(res)
