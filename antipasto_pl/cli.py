@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
 EXTRA_COMMANDS: dict[str, str] = {
     "build-pool": "antipasto_pl.env.pool:build_pool_command",
+    "extract-vhack": "antipasto_pl.vhack:extract_vhack_command",
 }
 
 DESCRIPTION = (
@@ -22,6 +24,13 @@ DESCRIPTION = (
     "gradient projection. Lightning subcommands: fit, validate, test, predict "
     "(e.g. `antipasto fit --config configs/smoke.yaml`). Project subcommands: {extra}."
 )
+
+
+# Intentional choices Lightning warns about on every run: the frozen policy stays in eval mode (no
+# dropout, so sampling and scoring see the same network), and checkpoints are written after the step.
+for _message in ("Found .* module\\(s\\) in eval mode", "Using ModelCheckpoint with manual optimization",
+                 "LightningCLI's args parameter"):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def _load(target: str) -> Callable:
@@ -56,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         auto_cli(_load(EXTRA_COMMANDS[args[0]]), args=args[1:], as_positional=False)
         return
-    AntipastoCLI(args=args)
+    AntipastoCLI(args=None if argv is None else args)
 
 
 if __name__ == "__main__":

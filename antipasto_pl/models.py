@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -56,7 +56,7 @@ _TINY_COMMON: dict[str, Any] = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
-    max_position_embeddings=512,
+    max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -95,7 +95,7 @@ class PolicyConfig:
     """
 
     name: str = "tiny-llama"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None

@@ -1,16 +1,22 @@
-"""The LightningModule that owns the SVD-wrapped policy.
+"""The GRPO LightningModule: generate -> grade -> loss/backward -> (project: callback) -> clip -> step.
 
 The frozen base model is rebuilt from its config on every start (``configure_model``);
-checkpoints carry only the adapter vectors (plus optimizer state and metadata that must
-match the model they are loaded into).
+checkpoints carry only the adapter vectors, optimizer state and metadata that must match
+the model they are loaded into. Optimization is manual because one rollout batch may feed
+several PPO inner iterations; each ``optimizer.step()`` still runs the callbacks'
+``on_before_optimizer_step`` (where the hack-subspace projection acts) before clipping.
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from antipasto_pl.adapter import (
@@ -18,88 +24,176 @@ from antipasto_pl.adapter import (
     adapter_metadata,
     adapter_modules,
     check_adapter_metadata,
+    quarantine_ablated,
+    reference_policy,
     wrap_model,
 )
+from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
+from antipasto_pl.env.grader import Grade, Grader
+from antipasto_pl.env.modes import MODES
 from antipasto_pl.env.problem import Problem
+from antipasto_pl.grpo import Reduction, group_advantages, grpo_loss
 from antipasto_pl.models import PolicyConfig, load_policy
+from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.rollout import SamplingConfig, hf_generate
-from antipasto_pl.sequences import completion_nll, encode_completions
+from antipasto_pl.sequences import (
+    CompletionBatch,
+    batch_from_ids,
+    completion_log_probs,
+    completion_token_ids,
+    prompt_token_ids,
+)
+
+STUDENT, TEACHER = "s", "t"
+
+
+@dataclass
+class Sample:
+    """One member of a GRPO group: a student sample or a frozen teacher-pool completion."""
+
+    source: str  # STUDENT | TEACHER
+    text: str
+    token_ids: tuple[int, ...]
+    grade: Grade | None = None
+    advantage: float = 0.0
+
+
+@dataclass
+class Group:
+    """All samples for one prompt; a group whose rewards do not vary carries no gradient."""
+
+    problem: Problem
+    prompt_ids: list[int]
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return any(s.advantage != 0.0 for s in self.samples)
+
+
+@dataclass
+class GradParts:
+    """The loss gradient on each ``delta_s``, split by source: ``student + teacher`` = full."""
+
+    student: dict[str, Tensor]
+    teacher: dict[str, Tensor]
 
 
 class AntipastoModule(L.LightningModule):
-    """SVD-adapter policy trained through LightningCLI.
+    """GRPO on loophole graders through the SVD adapter.
 
     Args:
         policy: which causal LM to load (see ``PolicyConfig``).
         adapter: which Linear layers get SVD adapters (see ``AdapterConfig``).
+        sampling: how student completions are sampled (on merged weights).
+        projection: the arm's gradient policy: intervention, subspace kind, gate, ... (see
+            ``ProjectionConfig``); ``intervention: none`` still logs every diagnostic.
+        refresh_every: re-extract V every N optimizer steps (None: V stays fixed).
+        deploy_eval_every: every N steps, evaluate validation prompts with the quarantine ablated
+            (``hack_deploy``, ``solve_deploy``; for route arms). None: off.
+        log_completions_every: every N steps, log sample completions and adapter histograms.
+        group_size: G, completions per prompt: ``G - G_t`` student samples plus
+            ``G_t = round(G * mix_ratio)`` teacher-pool samples.
+        mix_ratio: share of each group taken from the frozen teacher pool (0: pure student GRPO).
         learning_rate: Adam learning rate for the adapter vectors.
         betas: Adam betas.
         weight_decay: decoupled weight decay on ``delta_s`` (``delta_s_hack`` always gets 0,
-            so the quarantine is not pulled back into the policy).
-        max_completion_tokens: completion tokens scored per sample.
-        sampling: how ``predict`` samples completions (on merged weights).
-        samples_per_prompt: completions sampled per prompt by ``predict``.
+            so the quarantine is not pulled back toward zero).
+        beta: weight of the K3 KL to the free reference (the adapter switched off).
+        clip_eps: PPO clip range.
+        ppo_epochs: optimizer steps per rollout batch (PPO inner iterations).
+        scale_advantages_by_std: divide advantages by the group std (classic GRPO) instead of
+            Dr.GRPO's plain ``R - mean(R)``.
+        loss_reduction: ``dr_grpo`` (fixed denominator ``G * max_new_tokens * P``) or
+            ``sequence`` (per-sequence mean).
+        gradient_clip_norm: clip the adapter gradient to this norm after projection (None: off).
+        micro_batch_size: completions per forward/backward (memory bound; results do not depend on it).
+        grader_workers: parallel sandboxes for grading (default: all cores).
+        eval_samples_per_prompt: samples per validation prompt.
+        max_completion_tokens: teacher completions are truncated to this many tokens
+            (default: ``sampling.max_new_tokens``).
     """
 
     def __init__(
         self,
-        policy: PolicyConfig | None = None,
-        adapter: AdapterConfig | None = None,
+        policy: PolicyConfig = PolicyConfig(),
+        adapter: AdapterConfig = AdapterConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        projection: ProjectionConfig = ProjectionConfig(),
+        refresh_every: int | None = None,
+        deploy_eval_every: int | None = None,
+        log_completions_every: int = 10,
+        group_size: int = 4,
+        mix_ratio: float = 0.5,
         learning_rate: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
-        max_completion_tokens: int = 256,
-        sampling: SamplingConfig | None = None,
-        samples_per_prompt: int = 1,
+        beta: float = 0.0,
+        clip_eps: float = 0.2,
+        ppo_epochs: int = 1,
+        scale_advantages_by_std: bool = False,
+        loss_reduction: Reduction = "dr_grpo",
+        gradient_clip_norm: float | None = 1.0,
+        micro_batch_size: int = 8,
+        grader_workers: int | None = None,
+        eval_samples_per_prompt: int = 2,
+        max_completion_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        teacher = round(group_size * mix_ratio)
+        if not 0.0 <= mix_ratio < 1.0 or group_size - teacher < 1:
+            raise ValueError(
+                f"group_size={group_size} with mix_ratio={mix_ratio} leaves {group_size - teacher} student "
+                "samples per group; need 0 <= mix_ratio < 1 and at least one student sample"
+            )
+        if ppo_epochs < 1 or micro_batch_size < 1:
+            raise ValueError(f"ppo_epochs and micro_batch_size must be >= 1, got {ppo_epochs}, {micro_batch_size}")
         self.save_hyperparameters()
-        self.policy_config = policy or PolicyConfig()
-        self.adapter_config = adapter or AdapterConfig()
-        self.sampling = sampling or SamplingConfig()
-        self.model: PreTrainedModel | None = None
-        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.automatic_optimization = False
         # Base weights are rebuilt, not restored: checkpoints hold adapter keys only.
         self.strict_loading = False
+        self.policy_config, self.adapter_config, self.sampling = policy, adapter, sampling
+        self.projection_config = projection
+        self.n_teacher = teacher
+        self.n_student = group_size - teacher
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.grader: Grader | None = None
+        self.grad_parts: GradParts | None = None
+        self.last_groups: list[Group] = []
+        keys = [f"{m}_{s}" for m in ("reward", "hack", "gt", "pass") for s in (STUDENT, TEACHER)]
+        keys += [f"{mode}/{m}_{s}" for mode in MODES for m in ("hack", "pass") for s in (STUDENT, TEACHER)]
+        self.rates = nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in keys})
+
+    # --- set-up -------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         model, self.tokenizer = load_policy(self.policy_config)
-        summary = wrap_model(model, self.adapter_config)
+        self.adapter_summary = wrap_model(model, self.adapter_config)
         self.model = model
-        self.adapter_summary = summary
 
-    def transfer_batch_to_device(self, batch: list[Problem], device: torch.device, dataloader_idx: int) -> list[Problem]:
-        """Batches are problem records that stay on the host; tokens are made on the device later."""
-        return batch
+    def setup(self, stage: str) -> None:
+        if self.grader is None:
+            self.grader = Grader(max_workers=self.hparams.grader_workers)
 
-    def _canonical_nll(self, batch: list[Problem]) -> torch.Tensor:
-        """Teacher-forced NLL of each problem's canonical solution, written as a fenced answer: (B,)."""
-        prompts = [problem.prompt() for problem in batch]
-        completions = [f"```python\n{problem.canonical_solution.rstrip()}\n```" for problem in batch]
-        tokens = encode_completions(self.tokenizer, prompts, completions, self.hparams.max_completion_tokens)
-        return completion_nll(self.model, tokens.to(self.device))
+    def teardown(self, stage: str) -> None:
+        if self.grader is not None:
+            self.grader.close()
+            self.grader = None
 
-    def training_step(self, batch: list[Problem], batch_idx: int) -> torch.Tensor:
-        loss = self._canonical_nll(batch).mean()
-        self.log("train/nll", loss, prog_bar=True, batch_size=len(batch))
-        return loss
-
-    def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
-        self.log("val/nll", self._canonical_nll(batch).mean(), prog_bar=True, batch_size=len(batch))
-
-    def test_step(self, batch: list[Problem], batch_idx: int) -> None:
-        self.log("test/nll", self._canonical_nll(batch).mean(), batch_size=len(batch))
-
-    def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
-        prompts = [problem.prompt() for problem in batch]
-        samples = hf_generate(self.model, self.tokenizer, prompts, self.hparams.samples_per_prompt, self.sampling)
-        return [
-            {"problem_id": problem.id, "mode": problem.mode, "completion": completion}
-            for problem, completions in zip(batch, samples)
-            for completion in completions
-        ]
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The arm's callbacks, configured from this module's arguments so an arm is a small YAML overlay."""
+        hp = self.hparams
+        callbacks: list[L.Callback] = [HackProjection(self.projection_config)]
+        if hp.refresh_every:
+            callbacks.append(RefreshHackSubspace(hp.refresh_every))
+        if hp.deploy_eval_every:
+            callbacks.append(DeployedEvaluation(hp.deploy_eval_every))
+        if hp.log_completions_every:
+            callbacks.append(CompletionLogger(hp.log_completions_every))
+        return callbacks
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         adapters = adapter_modules(self.model).values()
@@ -108,6 +202,208 @@ class AntipastoModule(L.LightningModule):
             {"params": [a.delta_s_hack for a in adapters], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas))
+
+    @property
+    def max_completion_tokens(self) -> int:
+        return self.hparams.max_completion_tokens or self.sampling.max_new_tokens
+
+    # --- generate -----------------------------------------------------------------------------------
+
+    def generate_groups(self, problems: list[Problem]) -> list[Group]:
+        """Student samples on merged weights plus teacher-pool completions, one group per prompt."""
+        prompts = [p.prompt() for p in problems]
+        student = hf_generate(self.model, self.tokenizer, prompts, self.n_student, self.sampling)
+        groups = []
+        for problem, prompt, completions in zip(problems, prompts, student):
+            group = Group(problem, prompt_token_ids(self.tokenizer, prompt))
+            group.samples = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
+            group.samples += [
+                Sample(TEACHER, text, tuple(completion_token_ids(self.tokenizer, text, self.max_completion_tokens)))
+                for text in self.teacher_texts(problem)
+            ]
+            groups.append(group)
+        return groups
+
+    def teacher_texts(self, problem: Problem) -> list[str]:
+        """G_t frozen pool completions, drawn by an RNG keyed on (seed, step, problem) so a resumed run
+        draws the same ones."""
+        if self.n_teacher == 0:
+            return []
+        pool = getattr(self.trainer.datamodule, "pool", None) if self._trainer is not None else None
+        if pool is None:
+            raise RuntimeError(
+                f"mix_ratio={self.hparams.mix_ratio} needs a teacher pool; set data.use_pool: true or mix_ratio: 0"
+            )
+        rng = random.Random(f"{self.trainer.datamodule.hparams.seed}/{self.global_step}/{problem.id}")
+        return [r.completion for r in pool.sample(problem.id, self.n_teacher, rng)]
+
+    # --- grade --------------------------------------------------------------------------------------
+
+    def grade_groups(self, groups: list[Group]) -> None:
+        """Sandboxed grades for every sample; advantages from the foolable reward only."""
+        items = [(g.problem, s.text) for g in groups for s in g.samples]
+        grades = iter(self.grader.grade_batch(items))
+        for group in groups:
+            for sample in group.samples:
+                sample.grade = next(grades)
+            rewards = torch.tensor([[s.grade.reward for s in group.samples]])
+            advantages = group_advantages(rewards, scale_by_std=self.hparams.scale_advantages_by_std)[0]
+            for sample, advantage in zip(group.samples, advantages.tolist()):
+                sample.advantage = advantage
+
+    # --- loss ---------------------------------------------------------------------------------------
+
+    def _micro_batches(self, groups: list[Group], source: str) -> list[tuple[CompletionBatch, Tensor]]:
+        rows = [(g.prompt_ids, s) for g in groups if g.active for s in g.samples if s.source == source]
+        size = self.hparams.micro_batch_size
+        chunks = []
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            batch = batch_from_ids([p for p, _ in chunk], [s.token_ids for _, s in chunk], self.tokenizer.pad_token_id)
+            advantages = torch.tensor([s.advantage for _, s in chunk], dtype=torch.float32)
+            chunks.append((batch.to(self.device), advantages.to(self.device)))
+        return chunks
+
+    def _denominator(self, n_prompts: int) -> float:
+        if self.hparams.loss_reduction == "dr_grpo":
+            return float(self.hparams.group_size * self.max_completion_tokens * n_prompts)
+        return float(self.hparams.group_size * n_prompts)
+
+    @torch.no_grad()
+    def _frozen_log_probs(self, chunks: list[tuple[CompletionBatch, Tensor]]) -> list[tuple[Tensor | None, Tensor | None]]:
+        """Per chunk: log-probs under the rollout policy (for the PPO ratio, only with several inner
+        iterations) and under the reference (only with a KL term)."""
+        frozen = []
+        for batch, _ in chunks:
+            old = completion_log_probs(self.model, batch) if self.hparams.ppo_epochs > 1 else None
+            ref = None
+            if self.hparams.beta > 0:
+                with reference_policy(self.model):
+                    ref = completion_log_probs(self.model, batch)
+            frozen.append((old, ref))
+        return frozen
+
+    def backward_groups(self, chunks_by_source: dict[str, list], frozen: dict[str, list], n_prompts: int) -> Tensor:
+        """Loss and backward, students first, so the student gradient can be read off before the teacher's
+        adds to it (``GradParts``) without a second backward. Returns the detached total loss."""
+        adapters = adapter_modules(self.model)
+        total = torch.zeros((), device=self.device)
+        stats: dict[str, list[Tensor]] = {}
+        student_grad: dict[str, Tensor] = {}
+        for source in (STUDENT, TEACHER):
+            for (batch, advantages), (old, ref) in zip(chunks_by_source[source], frozen[source]):
+                logp = completion_log_probs(self.model, batch)
+                out = grpo_loss(
+                    logp, advantages, batch.completion_mask[:, 1:], logp_old=old, ref_logp=ref,
+                    beta=self.hparams.beta, clip_eps=self.hparams.clip_eps,
+                    mode=self.hparams.loss_reduction, denom=self._denominator(n_prompts),
+                )
+                self.manual_backward(out.loss)
+                total += out.loss.detach()
+                for k, v in out.stats.items():
+                    stats.setdefault(k, []).append(v)
+            if source == STUDENT:
+                student_grad = {n: _grad(a.delta_s) for n, a in adapters.items()}
+        self.grad_parts = GradParts(
+            student=student_grad,
+            teacher={n: _grad(a.delta_s) - student_grad[n] for n, a in adapters.items()},
+        )
+        # The quarantine moves only through routed gradient (written by the projection callback).
+        for a in adapters.values():
+            a.delta_s_hack.grad = None
+        for k, values in stats.items():
+            self.log(f"train/{k}", torch.stack(values).mean(), batch_size=n_prompts)
+        return total
+
+    # --- the step -----------------------------------------------------------------------------------
+
+    def training_step(self, batch: list[Problem], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        groups = self.generate_groups(batch)
+        self.grade_groups(groups)
+        self.last_groups = groups
+        self.log_rates(groups)
+        chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
+        frozen = {source: self._frozen_log_probs(c) for source, c in chunks.items()}
+        loss = torch.zeros((), device=self.device)
+        for _ in range(self.hparams.ppo_epochs):
+            optimizer.zero_grad(set_to_none=False)
+            loss = self.backward_groups(chunks, frozen, len(batch))
+            optimizer.step()
+        n_active = sum(g.active for g in groups)
+        self.log("train/loss", loss, batch_size=len(batch))
+        self.log("train/active_groups", float(n_active), batch_size=len(batch))
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Runs after the callbacks' hook (the projection), so the projected gradient is what is clipped."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+        self.log("train/grad_norm", norm)
+        if self.hparams.gradient_clip_norm is not None and params:
+            torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip_norm)
+
+    # --- metrics ------------------------------------------------------------------------------------
+
+    def log_rates(self, groups: list[Group], prefix: str = "") -> None:
+        """Reward, hack and pass rates per source (and per mode), reduced across ranks by torchmetrics."""
+        per_key: dict[str, list[float]] = {}
+        for group in groups:
+            mode = group.problem.mode
+            for s in group.samples:
+                grade = s.grade
+                for name, value in (("reward", grade.reward), ("hack", grade.exploited),
+                                    ("gt", grade.gt_correct), ("pass", grade.passed)):
+                    per_key.setdefault(f"{name}_{s.source}", []).append(float(value))
+                per_key.setdefault(f"{mode}/hack_{s.source}", []).append(float(grade.exploited))
+                per_key.setdefault(f"{mode}/pass_{s.source}", []).append(float(grade.gt_correct))
+        for key, values in per_key.items():
+            metric = self.rates[key.replace("/", "__")]
+            metric(torch.tensor(values))
+            shown = key in ("reward_s", "hack_s", "gt_s")
+            self.log(f"{prefix}{key}", metric, on_step=True, on_epoch=False, prog_bar=shown, batch_size=len(values))
+
+    # --- evaluation ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, problems: list[Problem], ablate_quarantine: bool = False) -> dict[str, float]:
+        """Hack and solve rates of fresh student samples on ``problems`` (optionally the deployed view)."""
+        prompts = [p.prompt() for p in problems]
+        n = self.hparams.eval_samples_per_prompt
+        if ablate_quarantine:
+            with quarantine_ablated(self.model):
+                samples = hf_generate(self.model, self.tokenizer, prompts, n, self.sampling)
+        else:
+            samples = hf_generate(self.model, self.tokenizer, prompts, n, self.sampling)
+        items = [(p, c.text) for p, completions in zip(problems, samples) for c in completions]
+        grades = self.grader.grade_batch(items)
+        count = max(len(grades), 1)
+        return {
+            "hack": sum(g.exploited for g in grades) / count,
+            "solve": sum(g.gt_correct for g in grades) / count,
+            "reward": sum(g.reward for g in grades) / count,
+        }
+
+    def validation_step(self, batch: list[Problem], batch_idx: int) -> None:
+        for name, value in self.evaluate(batch).items():
+            self.log(f"val/{name}", value, batch_size=len(batch), sync_dist=True)
+
+    def test_step(self, batch: list[Problem], batch_idx: int) -> None:
+        for name, value in self.evaluate(batch).items():
+            self.log(f"test/{name}", value, batch_size=len(batch), sync_dist=True)
+
+    def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
+        prompts = [problem.prompt() for problem in batch]
+        samples = hf_generate(self.model, self.tokenizer, prompts, self.hparams.eval_samples_per_prompt, self.sampling)
+        items = [(p, c) for p, completions in zip(batch, samples) for c in completions]
+        grades = self.grader.grade_batch([(p, c.text) for p, c in items])
+        return [
+            {"problem_id": p.id, "mode": p.mode, "completion": c.text, "reward": g.reward,
+             "passed": g.passed, "gt_correct": g.gt_correct, "exploited": g.exploited}
+            for (p, c), g in zip(items, grades)
+        ]
+
+    # --- checkpoints --------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
@@ -118,3 +414,8 @@ class AntipastoModule(L.LightningModule):
         if "adapter_metadata" not in checkpoint:
             raise ValueError("checkpoint has no 'adapter_metadata'; expected one written by antipasto fit")
         check_adapter_metadata(self.model, checkpoint["adapter_metadata"], "checkpoint")
+
+
+def _grad(param: nn.Parameter) -> Tensor:
+    return param.grad.detach().clone() if param.grad is not None else torch.zeros_like(param)
+

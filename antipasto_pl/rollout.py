@@ -39,11 +39,28 @@ class SamplingConfig:
             raise ValueError(f"sampling needs temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion: its text and the exact token ids that were sampled (EOS kept if emitted)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
 class Sampler(Protocol):
     def __call__(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], num_samples: int,
         config: SamplingConfig,
-    ) -> list[list[str]]: ...
+    ) -> list[list[Completion]]: ...
+
+
+def _trim(row: list[int], eos_id: int, pad_id: int) -> tuple[int, ...]:
+    """Generated ids up to and including the first EOS; padding after it dropped."""
+    if eos_id in row:
+        return tuple(row[: row.index(eos_id) + 1])
+    while row and row[-1] == pad_id:
+        row = row[:-1]
+    return tuple(row)
 
 
 @torch.no_grad()
@@ -53,7 +70,7 @@ def hf_generate(
     prompts: Sequence[str],
     num_samples: int,
     config: SamplingConfig,
-) -> list[list[str]]:
+) -> list[list[Completion]]:
     """``num_samples`` completions per prompt, sampled with ``generate`` on merged weights."""
     texts = [chat_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -67,6 +84,11 @@ def hf_generate(
             top_p=None if greedy else config.top_p,
             top_k=None,
             pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
-    completions = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [completions[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    rows = output[:, inputs["input_ids"].shape[1]:].tolist()
+    samples = []
+    for row in rows:
+        ids = _trim(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        samples.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
+    return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]

@@ -37,30 +37,51 @@ class CompletionBatch:
         return CompletionBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.completion_mask)))
 
 
+def batch_from_ids(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_token_id: int
+) -> CompletionBatch:
+    """Right-padded rows of ``prompt + completion`` token ids with their completion mask."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, rows)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        attention_mask[i, : len(r)] = 1
+        completion_mask[i, len(p) : len(r)] = 1
+    return CompletionBatch(input_ids, attention_mask, completion_mask)
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of the chat-formatted prompt (what the sampler conditions on)."""
+    return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def completion_token_ids(
+    tokenizer: PreTrainedTokenizerBase, completion: str, max_completion_tokens: int | None = None
+) -> list[int]:
+    """Token ids of a written completion, truncated, closed with EOS as a sampled one would be."""
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if max_completion_tokens is not None and len(ids) >= max_completion_tokens:
+        return ids[:max_completion_tokens]
+    return ids + [tokenizer.eos_token_id]
+
+
 def encode_completions(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     completions: Sequence[str],
     max_completion_tokens: int | None = None,
 ) -> CompletionBatch:
-    """Tokenise chat-formatted prompts followed by completions (+ EOS), right-padded."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
-    rows, masks = [], []
-    for prompt, completion in zip(prompts, completions):
-        prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if max_completion_tokens is not None:
-            completion_ids = completion_ids[:max_completion_tokens]
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + completion_ids)
-        masks.append([0] * len(prompt_ids) + [1] * len(completion_ids))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    completion_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
-    return CompletionBatch(input_ids, attention_mask, completion_mask)
+    """Tokenise chat-formatted prompts followed by written completions (+ EOS), right-padded."""
+    return batch_from_ids(
+        [prompt_token_ids(tokenizer, p) for p in prompts],
+        [completion_token_ids(tokenizer, c, max_completion_tokens) for c in completions],
+        tokenizer.pad_token_id,
+    )
 
 
 def completion_log_probs(model: nn.Module, batch: CompletionBatch) -> Tensor:

@@ -1,0 +1,529 @@
+"""Extracting the hack subspace V from a live model (DESIGN section 3): pair gradients, per-module bases,
+negative controls, safetensors io and a content-keyed cache.
+
+The per-module math (SVD, orientation, floors, controls) is in `vhack_math`; this module feeds it the
+gradients of the SVD-wrapped policy on labelled pairs and records what V was extracted from, so that V is
+never applied to a model, a pair set or an adapter state it does not belong to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from antipasto_pl.adapter import adapter_metadata, adapter_modules, quarantine_ablated
+from antipasto_pl.env.pairs import Pair
+from antipasto_pl.models import cache_root
+from antipasto_pl.sequences import CompletionBatch, completion_log_probs, encode_completions
+from antipasto_pl.vhack_math import apply_noise_floor, hack_basis_from_pair_grads, random_basis, shuffle_pair_labels
+
+log = logging.getLogger(__name__)
+
+LengthNorm = Literal["mean", "sum"]
+SubspaceKind = Literal["real", "random", "shuffled", "nonhack"]
+VHACK_FORMAT = "antipasto-vhack/1"
+_METADATA_KEY = "antipasto_vhack"
+
+# The extraction length normalisation that matches each GRPO loss reduction (`grpo.Reduction`): Dr.GRPO's fixed
+# denominator weighs every completion token alike (a sum, up to a constant that rescales V's singular values
+# only), classic GRPO averages over each completion's own tokens.
+MATCHING_LENGTH_NORM: dict[str, LengthNorm] = {"dr_grpo": "sum", "sequence": "mean"}
+
+Metadata = dict[str, str | int | float | None]
+
+
+# --- pair gradients -------------------------------------------------------------------------------------------
+
+
+def completion_loss(model: nn.Module, batch: CompletionBatch, length_norm: LengthNorm) -> Tensor:
+    """Teacher-forced NLL of each row's completion tokens, summed (`sum`) or averaged per token (`mean`): (B,)."""
+    mask = batch.completion_mask[:, 1:].to(torch.float32)  # (B, T-1), aligned with the log-probs
+    nll = -(completion_log_probs(model, batch) * mask).sum(-1)
+    if length_norm == "sum":
+        return nll
+    if length_norm == "mean":
+        return nll / mask.sum(-1).clamp_min(1.0)
+    raise ValueError(f"length_norm must be one of {get_args(LengthNorm)}, got {length_norm!r}")
+
+
+@contextlib.contextmanager
+def _gradient_probe(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """Every adapter's ``delta_s``, made to require grad, with the model in eval mode (no dropout noise in V)
+    and grad enabled even under an enclosing ``no_grad`` / ``inference_mode`` (a refresh inside a hook).
+
+    Restores every module's training flag and every ``delta_s.requires_grad`` exactly on exit.
+    """
+    params = {name: adapter.delta_s for name, adapter in adapter_modules(model).items()}
+    if not params:
+        raise ValueError(f"{type(model).__name__} carries no SVD adapters; call adapter.wrap_model on it first")
+    requires_grad = {name: p.requires_grad for name, p in params.items()}
+    training = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad():
+            yield params
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(requires_grad[name])
+        for module, was_training in training:
+            module.training = was_training
+
+
+def pair_gradients(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions_a: Sequence[str],
+    completions_b: Sequence[str],
+    *,
+    length_norm: LengthNorm = "mean",
+    max_completion_tokens: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Gradient of each completion's NLL (given its prompt) on every adapter's ``delta_s``, one completion at a
+    time: ``g_a[name][j]`` belongs to ``completions_a[j]`` alone, ``g_b`` likewise.
+
+    Each completion gets its own forward and its own backward (``torch.autograd.grad``, which returns the
+    gradient instead of accumulating it into ``.grad``), so gradients are isolated by construction: no padding
+    is shared, nothing leaks between completions, and existing ``.grad`` tensors (e.g. of a training step in
+    progress) are left as they were. ``requires_grad`` flags and train/eval modes are restored on return.
+
+    ``length_norm`` should match the live loss's reduction (``MATCHING_LENGTH_NORM``: ``dr_grpo`` -> ``sum``,
+    ``sequence`` -> ``mean``). The defaults do not match (``mean`` here, ``dr_grpo`` in the loss), and that
+    mismatch biases V toward short completions: under ``mean`` each completion weighs 1 however long it is, so a
+    token of a short completion counts 1/L_short against 1/L_long, while Dr.GRPO counts every token alike. V then
+    fits the token gradients of short completions (typically the stub hacks) more than the live gradient it
+    projects does. It also keeps the text a hack shares with its clean from cancelling in D (weighted 1/L_hack
+    against 1/L_clean).
+
+    Returns g_a, g_b: name -> (n, r) float32 tensors on the model's device.
+    """
+    n = len(prompts)
+    if not n or len(completions_a) != n or len(completions_b) != n:
+        raise ValueError(
+            f"need one completion of each side per prompt and at least one prompt, got {n} prompts, "
+            f"{len(completions_a)} and {len(completions_b)} completions"
+        )
+    device = next(model.parameters()).device
+    with _gradient_probe(model) as params:
+        inputs = list(params.values())
+        rows: dict[str, dict[str, list[Tensor]]] = {side: {name: [] for name in params} for side in "ab"}
+        for j in tqdm(range(n), desc="pair gradients", unit="pair", disable=not progress):
+            for side, completions in (("a", completions_a), ("b", completions_b)):
+                batch = encode_completions(tokenizer, [prompts[j]], [completions[j]], max_completion_tokens)
+                loss = completion_loss(model, batch.to(device), length_norm)[0]
+                grads = torch.autograd.grad(loss, inputs, materialize_grads=True)
+                for name, grad in zip(params, grads):
+                    rows[side][name].append(grad.detach().float())  # (r,)
+    g_a = {name: torch.stack(r) for name, r in rows["a"].items()}  # (n, r)
+    g_b = {name: torch.stack(r) for name, r in rows["b"].items()}  # (n, r)
+    return g_a, g_b
+
+
+# --- identities -----------------------------------------------------------------------------------------------
+
+
+def _digest(payload: object) -> str:
+    return hashlib.blake2b(json.dumps(payload).encode(), digest_size=16).hexdigest()
+
+
+def base_digest(model: nn.Module) -> str:
+    """Identity of the wrapped base model: every adapter's module name, rank and base-weight hash."""
+    return _digest([[name, m["rank"], m["weight_hash"]] for name, m in adapter_metadata(model)["modules"].items()])
+
+
+def adapter_digest(model: nn.Module) -> str:
+    """Identity of the current ``delta_s`` values (what extraction differentiates at); "zero" at init, so fresh
+    runs of any seed share a cache entry."""
+    adapters = adapter_modules(model)
+    if all(not a.delta_s.detach().any() for a in adapters.values()):
+        return "zero"
+    digest = hashlib.blake2b(digest_size=16)
+    for name, a in adapters.items():
+        digest.update(name.encode())
+        digest.update(memoryview(a.delta_s.detach().float().cpu().contiguous().view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What of the tokenizer shapes the tokens scored: its class, source, vocabulary size and chat template."""
+    return _digest([type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template])
+
+
+def pair_set_hash(pairs: Sequence[Pair]) -> str:
+    """Identity of an ordered pair set: its prompt / hack / clean texts (order matters to `shuffled`)."""
+    return _digest([[p.prompt, p.hack, p.clean] for p in pairs])
+
+
+# --- the subspace ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HackSubspace:
+    """Per-module hack-ward bases V and what they were extracted from.
+
+    Attributes:
+        v_hack: module name -> (k_m, r_m) orthonormal rows, each oriented hack-ward (a live gradient g with
+            v . g > 0 is one whose descent step moves toward hacking). Modules without rows are absent: they are
+            not projected.
+        singular_values: module name -> (k_m,) singular values of the pair-difference matrix D (1 for `random`).
+        weight_hashes: module name -> hash of the base weight the basis belongs to (checked on load).
+        metadata: provenance (kind, k, digests of base model / adapter state / pair set, length_norm, ...).
+    """
+
+    v_hack: dict[str, Tensor]
+    singular_values: dict[str, Tensor]
+    weight_hashes: dict[str, str]
+    metadata: Metadata = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (self.v_hack.keys() == self.singular_values.keys() == self.weight_hashes.keys()):
+            raise ValueError("v_hack, singular_values and weight_hashes must name the same modules")
+        for name, v in self.v_hack.items():
+            s = self.singular_values[name]
+            if v.dim() != 2 or s.shape != (v.shape[0],):
+                raise ValueError(f"module {name!r}: expected v_hack (k, r) and singular_values (k,), "
+                                 f"got {tuple(v.shape)} and {tuple(s.shape)}")
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.v_hack)
+
+    def to(self, device: torch.device | str) -> HackSubspace:
+        return HackSubspace(
+            {name: v.to(device) for name, v in self.v_hack.items()},
+            {name: s.to(device) for name, s in self.singular_values.items()},
+            dict(self.weight_hashes),
+            dict(self.metadata),
+        )
+
+    def after_noise_floor(self, drop_bottom_frac: float) -> HackSubspace:
+        """The global noise floor (`vhack_math.apply_noise_floor`): rows below the pooled `drop_bottom_frac`
+        quantile of singular values are dropped, and modules left without rows are dropped (not projected)."""
+        keep = apply_noise_floor(self.singular_values, drop_bottom_frac)
+        names = [name for name, mask in keep.items() if mask.any()]
+        return HackSubspace(
+            {name: self.v_hack[name][keep[name].to(self.v_hack[name].device)] for name in names},
+            {name: self.singular_values[name][keep[name]] for name in names},
+            {name: self.weight_hashes[name] for name in names},
+            {**self.metadata, "drop_bottom_frac": drop_bottom_frac},
+        )
+
+    def check_model(self, model: nn.Module, source: str = "hack subspace") -> None:
+        """Raise, naming the module and expected vs found, unless every module here is a wrapped module of
+        ``model`` with the same rank and base weight."""
+        modules = adapter_metadata(model)["modules"]
+        for name, v in self.v_hack.items():
+            if name not in modules:
+                example = next(iter(modules), "none")
+                raise ValueError(
+                    f"{source}: module {name!r} has a hack basis, but the model has no SVD adapter there (it wraps "
+                    f"{len(modules)} modules, e.g. {example!r}; were adapter.target_modules the same?)"
+                )
+            rank, weight = modules[name]["rank"], modules[name]["weight_hash"]
+            if v.shape[1] != rank:
+                raise ValueError(
+                    f"{source}: module {name!r} has rank {v.shape[1]} in the hack basis, but the model's adapter "
+                    f"has rank {rank} (was adapter.r_max the same?)"
+                )
+            if self.weight_hashes[name] != weight:
+                raise ValueError(
+                    f"{source}: module {name!r} was extracted on a base weight with hash "
+                    f"{self.weight_hashes[name][:12]}..., but this model's is {weight[:12]}... "
+                    "(another base model, seed or dtype?)"
+                )
+
+    def save(self, path: str | Path) -> None:
+        """Write V, singular values and provenance to a safetensors file, atomically (tmp file + os.replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name in self.v_hack:
+            tensors[f"{name}.v_hack"] = self.v_hack[name].detach().float().cpu().contiguous()
+            tensors[f"{name}.singular_values"] = self.singular_values[name].detach().float().cpu().contiguous()
+        header = {"format": VHACK_FORMAT, "weight_hashes": self.weight_hashes, "metadata": self.metadata}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(header)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> HackSubspace:
+        """Read a file written by `save` (on the CPU); with ``model``, check it belongs to that model."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get(_METADATA_KEY)
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable safetensors hack-subspace file: {err}") from err
+        header = json.loads(raw) if raw is not None else {}
+        if header.get("format") != VHACK_FORMAT:
+            raise ValueError(f"{path}: format {header.get('format')!r}, expected {VHACK_FORMAT!r} "
+                             "(a file written by HackSubspace.save)")
+        tensors = load_file(str(path))
+        names = list(header["weight_hashes"])
+        subspace = cls(
+            {name: tensors[f"{name}.v_hack"] for name in names},
+            {name: tensors[f"{name}.singular_values"] for name in names},
+            header["weight_hashes"],
+            header["metadata"],
+        )
+        if model is not None:
+            subspace.check_model(model, str(path))
+        return subspace
+
+
+# --- extraction -----------------------------------------------------------------------------------------------
+
+
+def _provenance(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    k: int,
+    kind: SubspaceKind,
+    tau_axis: float | None,
+    length_norm: LengthNorm,
+    seed: int,
+    max_completion_tokens: int | None,
+) -> Metadata:
+    """Everything the extracted V depends on, and nothing else (unused inputs are None): the cache key.
+
+    `seed` only drives the `shuffled` / `random` controls; `random` ignores the pairs, the adapter state and the
+    gradient settings. So every seed of a real arm shares one extraction, and so does every pair set of a
+    random control.
+    """
+    if kind not in get_args(SubspaceKind):
+        raise ValueError(f"kind must be one of {get_args(SubspaceKind)}, got {kind!r}")
+    if length_norm not in get_args(LengthNorm):
+        raise ValueError(f"length_norm must be one of {get_args(LengthNorm)}, got {length_norm!r}")
+    if k < 1:
+        raise ValueError(f"k must be a positive number of rows per module, got {k}")
+    if tau_axis is not None and not 0.0 < tau_axis <= 1.0:
+        raise ValueError(f"tau_axis must be in (0, 1] or None, got {tau_axis}")
+    uses_gradients = kind != "random"
+    if uses_gradients and not pairs:
+        raise ValueError(f"kind {kind!r} extracts V from pairs, but no pairs were given")
+    return {
+        "format": VHACK_FORMAT,
+        "kind": kind,
+        "k": k,
+        "base_digest": base_digest(model),
+        "seed": seed if kind in ("shuffled", "random") else None,
+        "tokenizer_digest": tokenizer_digest(tokenizer) if uses_gradients else None,
+        "adapter_digest": adapter_digest(model) if uses_gradients else None,
+        "pair_set_hash": pair_set_hash(pairs) if uses_gradients else None,
+        "tau_axis": tau_axis if uses_gradients else None,
+        "length_norm": length_norm if uses_gradients else None,
+        "max_completion_tokens": max_completion_tokens if uses_gradients else None,
+    }
+
+
+def _module_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded from (seed, module name): the same random basis on every rank and in every run."""
+    key = int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(key & (2**63 - 1))
+
+
+def extract_hack_subspace(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    *,
+    k: int,
+    kind: SubspaceKind = "real",
+    tau_axis: float | None = None,
+    length_norm: LengthNorm = "mean",
+    seed: int = 0,
+    max_completion_tokens: int | None = None,
+    progress: bool = True,
+) -> HackSubspace:
+    """V per wrapped module: the top-k hack-ward axes of D = g(pair.hack) - g(pair.clean) on ``delta_s``.
+
+    Kinds: ``real`` (labelled pairs); ``nonhack`` (the same code path; the caller passes clean-vs-clean pairs,
+    `pairs.nonhack_pairs`); ``shuffled`` (each pair's labels swapped with probability 1/2 on the same
+    gradients, with one swap pattern for all modules, as swapping a pair's texts would); ``random``
+    (`random_basis` with min(k, r) rows per module, seeded by (seed, module name); no gradients).
+
+    Runs with the quarantine ablated, so a refresh on a routed model sees the deployed policy. The basis is on
+    the model's device.
+    """
+    metadata = _provenance(model, tokenizer, pairs, k, kind, tau_axis, length_norm, seed, max_completion_tokens)
+    adapters = adapter_modules(model)
+    v_hack: dict[str, Tensor] = {}
+    singular_values: dict[str, Tensor] = {}
+    if kind == "random":
+        for name, adapter in adapters.items():
+            rows, device = min(k, adapter.rank), adapter.delta_s.device
+            v_hack[name] = random_basis(rows, adapter.rank, _module_generator(seed, name), device=device)
+            singular_values[name] = torch.ones(rows, device=device)
+    else:
+        with quarantine_ablated(model):
+            g_hack, g_clean = pair_gradients(
+                model, tokenizer, [p.prompt for p in pairs], [p.hack for p in pairs], [p.clean for p in pairs],
+                length_norm=length_norm, max_completion_tokens=max_completion_tokens, progress=progress,
+            )
+        for name in adapters:
+            a, b = g_hack[name], g_clean[name]  # (n, r)
+            if kind == "shuffled":
+                a, b = shuffle_pair_labels(a, b, torch.Generator().manual_seed(seed))
+            v, s = hack_basis_from_pair_grads(a, b, k, tau_axis)
+            if v.shape[0]:  # a module without a hack signal is not projected
+                v_hack[name], singular_values[name] = v, s
+    config = getattr(model, "config", None)
+    metadata.update(
+        model_type=getattr(config, "model_type", None),
+        name_or_path=getattr(config, "name_or_path", None),
+        n_pairs=len(pairs),
+        modes=",".join(sorted({p.mode for p in pairs})),
+    )
+    return HackSubspace(v_hack, singular_values, {name: adapters[name].weight_hash for name in v_hack}, metadata)
+
+
+# --- cache ----------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir(cache_dir: str | None = None) -> Path:
+    """Where extracted subspaces are cached: ``<cache root>/vhack``."""
+    return cache_root(cache_dir) / "vhack"
+
+
+def cache_path(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    cache_dir: str | Path | None = None,
+    *,
+    k: int,
+    kind: SubspaceKind = "real",
+    tau_axis: float | None = None,
+    length_norm: LengthNorm = "mean",
+    seed: int = 0,
+    max_completion_tokens: int | None = None,
+) -> Path:
+    """The cache file for these inputs: named by a digest of everything V depends on (see `_provenance`)."""
+    key = _digest(_provenance(model, tokenizer, pairs, k, kind, tau_axis, length_norm, seed, max_completion_tokens))
+    return Path(cache_dir or default_cache_dir()) / f"{kind}-k{k}-{key[:24]}.safetensors"
+
+
+def load_or_extract(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    cache_dir: str | Path | None = None,
+    *,
+    k: int,
+    kind: SubspaceKind = "real",
+    tau_axis: float | None = None,
+    length_norm: LengthNorm = "mean",
+    seed: int = 0,
+    max_completion_tokens: int | None = None,
+    progress: bool = True,
+) -> HackSubspace:
+    """`extract_hack_subspace`, cached: a hit reuses the file, a miss extracts and saves it.
+
+    The key covers the base weights, tokenizer, current ``delta_s``, pair texts and every extraction setting,
+    so a stale V cannot be reused; an unreadable or mismatched file is re-extracted and overwritten. Writes are
+    atomic, so ranks extracting the same key concurrently leave one complete file.
+    """
+    settings = dict(k=k, kind=kind, tau_axis=tau_axis, length_norm=length_norm, seed=seed,
+                    max_completion_tokens=max_completion_tokens)
+    path = cache_path(model, tokenizer, pairs, cache_dir, **settings)
+    if path.is_file():
+        try:
+            subspace = HackSubspace.load(path, model)
+        except ValueError as err:
+            log.warning("hack subspace cache %s is unusable (%s); re-extracting", path, err)
+        else:
+            log.info("reusing hack subspace %s", path)
+            return subspace.to(next(model.parameters()).device)
+    subspace = extract_hack_subspace(model, tokenizer, pairs, progress=progress, **settings)
+    subspace.save(path)
+    log.info("extracted hack subspace (%s, k=%d) into %s", kind, k, path)
+    return subspace
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+
+def format_summary(subspace: HackSubspace) -> str:
+    """One line per module: name, rows kept, top singular value."""
+    width = max((len(name) for name in subspace.modules), default=6)
+    lines = [f"{'module':<{width}}  {'k':>3}  {'top_sv':>10}"]
+    for name in subspace.modules:
+        s = subspace.singular_values[name]
+        lines.append(f"{name:<{width}}  {s.numel():>3}  {s.max().item():>10.4g}")
+    return "\n".join(lines)
+
+
+def extract_vhack_command(
+    train_config: str | list[str],
+    out: str | None = None,
+    k: int | None = None,
+    kind: SubspaceKind | None = None,
+    tau_axis: float | None = None,
+    length_norm: LengthNorm | None = None,
+) -> Path:
+    """Extract the hack subspace V for a training config, exactly as `antipasto fit` would, and save it.
+
+    The policy, adapter, pairs and projection settings come from the same YAML files that
+    `antipasto fit --config` takes (a preset and an arm overlay, say), so V matches the run it is meant
+    for; the result lands in the extraction cache, where that run will find it.
+
+    Args:
+        train_config: training YAML file, or a list of them applied in order (as for
+            `antipasto fit --config A --config B`: `--train_config '[A, B]'`; jsonargparse reserves
+            `--config` for this command's own arguments).
+        out: also write the subspace to this .safetensors path.
+        k: override model.projection.k (rows kept per module).
+        kind: override model.projection.subspace: real, or a control: random, shuffled, nonhack.
+        tau_axis: override model.projection.tau_axis.
+        length_norm: override model.projection.length_norm (mean or sum).
+    """
+    from antipasto_pl.cli import AntipastoCLI
+    from antipasto_pl.projection import HackProjection
+
+    # Pairs do not depend on the teacher pool: skip building one.
+    configs = [train_config] if isinstance(train_config, str) else train_config
+    args = [arg for path in configs for arg in ("--config", path)] + ["--data.use_pool", "false"]
+    for name, value in (("k", k), ("subspace", kind), ("tau_axis", tau_axis), ("length_norm", length_norm)):
+        if value is not None:
+            args += [f"--model.projection.{name}", str(value)]
+    with warnings.catch_warnings():  # `args` is deliberate here, not a mix-up with sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = AntipastoCLI(args=args, run=False)
+    module, datamodule = cli.model, cli.datamodule
+    module.configure_model()
+    module.model.to(cli.trainer.strategy.root_device)
+    datamodule.setup("fit")
+    projection = HackProjection(module.projection_config)
+    subspace = projection.extract(module, datamodule)
+    path = projection.cache_file(module, datamodule)
+    if out is not None:
+        path = Path(out)
+        subspace.save(path)
+    print(format_summary(subspace))
+    print(f"hack subspace ({subspace.metadata.get('kind')}, {len(subspace.modules)} modules): {path}")
+    return path
