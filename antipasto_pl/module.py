@@ -322,7 +322,6 @@ class AntipastoModule(L.LightningModule):
         groups = self.generate_groups(batch)
         self.grade_groups(groups)
         self.last_groups = groups
-        self.log_rates(groups)
         chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
         frozen = {source: self._frozen_log_probs(c) for source, c in chunks.items()}
         loss = torch.zeros((), device=self.device)
@@ -331,6 +330,7 @@ class AntipastoModule(L.LightningModule):
             loss = self.backward_groups(chunks, frozen, len(batch))
             optimizer.step()
         n_active = sum(g.active for g in groups)
+        self.log_rates(groups)  # after the step: values logged before a manual step 0 are not flushed
         self.log("train/loss", loss, batch_size=len(batch))
         self.log("train/active_groups", float(n_active), batch_size=len(batch))
         return loss
@@ -345,8 +345,13 @@ class AntipastoModule(L.LightningModule):
 
     # --- metrics ------------------------------------------------------------------------------------
 
-    def log_rates(self, groups: list[Group], prefix: str = "") -> None:
-        """Reward, hack and pass rates per source (and per mode), reduced across ranks by torchmetrics."""
+    def log_rates(self, groups: list[Group]) -> None:
+        """Reward, hack and pass rates per source and per mode, reduced across ranks by torchmetrics.
+
+        Every metric is updated on every step (with zero weight when its source or mode is absent
+        here), so all ranks take part in the same reductions; a rate with no samples on any rank is
+        not logged.
+        """
         per_key: dict[str, list[float]] = {}
         for group in groups:
             mode = group.problem.mode
@@ -357,11 +362,14 @@ class AntipastoModule(L.LightningModule):
                     per_key.setdefault(f"{name}_{s.source}", []).append(float(value))
                 per_key.setdefault(f"{mode}/hack_{s.source}", []).append(float(grade.exploited))
                 per_key.setdefault(f"{mode}/pass_{s.source}", []).append(float(grade.gt_correct))
-        for key, values in per_key.items():
-            metric = self.rates[key.replace("/", "__")]
-            metric(torch.tensor(values))
-            shown = key in ("reward_s", "hack_s", "gt_s")
-            self.log(f"{prefix}{key}", metric, on_step=True, on_epoch=False, prog_bar=shown, batch_size=len(values))
+        for name, metric in self.rates.items():
+            key = name.replace("__", "/")
+            values = torch.tensor(per_key.get(key, [0.0]), device=self.device)
+            metric.update(values, weight=float(key in per_key))
+            rate = metric.compute()
+            metric.reset()
+            if not torch.isnan(rate):
+                self.log(key, rate, prog_bar=key in ("reward_s", "hack_s", "gt_s"), batch_size=values.numel())
 
     # --- evaluation ---------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from antipasto_pl.projection_math import (
 )
 from antipasto_pl.vhack import (
     MATCHING_LENGTH_NORM,
+    ExtractionSettings,
     HackSubspace,
     LengthNorm,
     SubspaceKind,
@@ -102,10 +103,10 @@ class HackProjection(Callback):
 
     # --- V ------------------------------------------------------------------------------------------
 
-    def _extraction(self, pl_module: L.LightningModule, datamodule: Any) -> tuple[list, dict[str, Any]]:
+    def _extraction(self, pl_module: L.LightningModule, datamodule: Any) -> tuple[list, ExtractionSettings]:
         """The detector pairs and extraction settings for this arm (same for every seed of a real arm)."""
         cfg = self.config
-        settings = dict(
+        settings = ExtractionSettings(
             k=cfg.k, kind=cfg.subspace, tau_axis=cfg.tau_axis, seed=datamodule.hparams.seed,
             length_norm=cfg.length_norm or MATCHING_LENGTH_NORM[pl_module.hparams.loss_reduction],
             max_completion_tokens=pl_module.max_completion_tokens,
@@ -115,7 +116,7 @@ class HackProjection(Callback):
     def cache_file(self, pl_module: L.LightningModule, datamodule: Any) -> Path:
         """Where ``extract`` caches V for the current policy."""
         pairs, settings = self._extraction(pl_module, datamodule)
-        return cache_path(pl_module.model, pl_module.tokenizer, pairs, self._cache_dir, **settings)
+        return cache_path(pl_module.model, pl_module.tokenizer, pairs, settings, self._cache_dir)
 
     @property
     def _cache_dir(self) -> Path:
@@ -124,7 +125,7 @@ class HackProjection(Callback):
     def extract(self, pl_module: L.LightningModule, datamodule: Any) -> HackSubspace:
         """V on the current policy from the data module's detector pairs (cached on disk), noise floor applied."""
         pairs, settings = self._extraction(pl_module, datamodule)
-        subspace = load_or_extract(pl_module.model, pl_module.tokenizer, pairs, self._cache_dir, **settings)
+        subspace = load_or_extract(pl_module.model, pl_module.tokenizer, pairs, settings, self._cache_dir)
         drop = self.config.drop_bottom_frac
         return subspace.after_noise_floor(drop) if drop > 0 else subspace
 

@@ -298,16 +298,29 @@ class HackSubspace:
 # --- extraction -----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How V is extracted (besides the model and the pairs).
+
+    Attributes:
+        k: rows (axes) kept per module.
+        kind: ``real`` or a control: ``random``, ``shuffled``, ``nonhack``.
+        tau_axis: drop rows whose singular value is below tau_axis times the module's top one.
+        length_norm: per-completion NLL normalisation, ``mean`` or ``sum`` (see `pair_gradients`).
+        seed: seed of the ``shuffled`` / ``random`` controls.
+        max_completion_tokens: truncate completions to this many tokens (None: score them whole).
+    """
+
+    k: int
+    kind: SubspaceKind = "real"
+    tau_axis: float | None = None
+    length_norm: LengthNorm = "mean"
+    seed: int = 0
+    max_completion_tokens: int | None = None
+
+
 def _provenance(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[Pair],
-    k: int,
-    kind: SubspaceKind,
-    tau_axis: float | None,
-    length_norm: LengthNorm,
-    seed: int,
-    max_completion_tokens: int | None,
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], settings: ExtractionSettings
 ) -> Metadata:
     """Everything the extracted V depends on, and nothing else (unused inputs are None): the cache key.
 
@@ -315,6 +328,7 @@ def _provenance(
     gradient settings. So every seed of a real arm shares one extraction, and so does every pair set of a
     random control.
     """
+    k, kind, tau_axis, length_norm = settings.k, settings.kind, settings.tau_axis, settings.length_norm
     if kind not in get_args(SubspaceKind):
         raise ValueError(f"kind must be one of {get_args(SubspaceKind)}, got {kind!r}")
     if length_norm not in get_args(LengthNorm):
@@ -331,13 +345,13 @@ def _provenance(
         "kind": kind,
         "k": k,
         "base_digest": base_digest(model),
-        "seed": seed if kind in ("shuffled", "random") else None,
+        "seed": settings.seed if kind in ("shuffled", "random") else None,
         "tokenizer_digest": tokenizer_digest(tokenizer) if uses_gradients else None,
         "adapter_digest": adapter_digest(model) if uses_gradients else None,
         "pair_set_hash": pair_set_hash(pairs) if uses_gradients else None,
         "tau_axis": tau_axis if uses_gradients else None,
         "length_norm": length_norm if uses_gradients else None,
-        "max_completion_tokens": max_completion_tokens if uses_gradients else None,
+        "max_completion_tokens": settings.max_completion_tokens if uses_gradients else None,
     }
 
 
@@ -351,13 +365,7 @@ def extract_hack_subspace(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
-    *,
-    k: int,
-    kind: SubspaceKind = "real",
-    tau_axis: float | None = None,
-    length_norm: LengthNorm = "mean",
-    seed: int = 0,
-    max_completion_tokens: int | None = None,
+    settings: ExtractionSettings,
     progress: bool = True,
 ) -> HackSubspace:
     """V per wrapped module: the top-k hack-ward axes of D = g(pair.hack) - g(pair.clean) on ``delta_s``.
@@ -370,7 +378,8 @@ def extract_hack_subspace(
     Runs with the quarantine ablated, so a refresh on a routed model sees the deployed policy. The basis is on
     the model's device.
     """
-    metadata = _provenance(model, tokenizer, pairs, k, kind, tau_axis, length_norm, seed, max_completion_tokens)
+    metadata = _provenance(model, tokenizer, pairs, settings)
+    k, kind, seed = settings.k, settings.kind, settings.seed
     adapters = adapter_modules(model)
     v_hack: dict[str, Tensor] = {}
     singular_values: dict[str, Tensor] = {}
@@ -383,13 +392,14 @@ def extract_hack_subspace(
         with quarantine_ablated(model):
             g_hack, g_clean = pair_gradients(
                 model, tokenizer, [p.prompt for p in pairs], [p.hack for p in pairs], [p.clean for p in pairs],
-                length_norm=length_norm, max_completion_tokens=max_completion_tokens, progress=progress,
+                length_norm=settings.length_norm, max_completion_tokens=settings.max_completion_tokens,
+                progress=progress,
             )
         for name in adapters:
             a, b = g_hack[name], g_clean[name]  # (n, r)
             if kind == "shuffled":
                 a, b = shuffle_pair_labels(a, b, torch.Generator().manual_seed(seed))
-            v, s = hack_basis_from_pair_grads(a, b, k, tau_axis)
+            v, s = hack_basis_from_pair_grads(a, b, k, settings.tau_axis)
             if v.shape[0]:  # a module without a hack signal is not projected
                 v_hack[name], singular_values[name] = v, s
     config = getattr(model, "config", None)
@@ -414,32 +424,20 @@ def cache_path(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
+    settings: ExtractionSettings,
     cache_dir: str | Path | None = None,
-    *,
-    k: int,
-    kind: SubspaceKind = "real",
-    tau_axis: float | None = None,
-    length_norm: LengthNorm = "mean",
-    seed: int = 0,
-    max_completion_tokens: int | None = None,
 ) -> Path:
     """The cache file for these inputs: named by a digest of everything V depends on (see `_provenance`)."""
-    key = _digest(_provenance(model, tokenizer, pairs, k, kind, tau_axis, length_norm, seed, max_completion_tokens))
-    return Path(cache_dir or default_cache_dir()) / f"{kind}-k{k}-{key[:24]}.safetensors"
+    key = _digest(_provenance(model, tokenizer, pairs, settings))
+    return Path(cache_dir or default_cache_dir()) / f"{settings.kind}-k{settings.k}-{key[:24]}.safetensors"
 
 
 def load_or_extract(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
+    settings: ExtractionSettings,
     cache_dir: str | Path | None = None,
-    *,
-    k: int,
-    kind: SubspaceKind = "real",
-    tau_axis: float | None = None,
-    length_norm: LengthNorm = "mean",
-    seed: int = 0,
-    max_completion_tokens: int | None = None,
     progress: bool = True,
 ) -> HackSubspace:
     """`extract_hack_subspace`, cached: a hit reuses the file, a miss extracts and saves it.
@@ -448,9 +446,7 @@ def load_or_extract(
     so a stale V cannot be reused; an unreadable or mismatched file is re-extracted and overwritten. Writes are
     atomic, so ranks extracting the same key concurrently leave one complete file.
     """
-    settings = dict(k=k, kind=kind, tau_axis=tau_axis, length_norm=length_norm, seed=seed,
-                    max_completion_tokens=max_completion_tokens)
-    path = cache_path(model, tokenizer, pairs, cache_dir, **settings)
+    path = cache_path(model, tokenizer, pairs, settings, cache_dir)
     if path.is_file():
         try:
             subspace = HackSubspace.load(path, model)
@@ -459,9 +455,9 @@ def load_or_extract(
         else:
             log.info("reusing hack subspace %s", path)
             return subspace.to(next(model.parameters()).device)
-    subspace = extract_hack_subspace(model, tokenizer, pairs, progress=progress, **settings)
+    subspace = extract_hack_subspace(model, tokenizer, pairs, settings, progress)
     subspace.save(path)
-    log.info("extracted hack subspace (%s, k=%d) into %s", kind, k, path)
+    log.info("extracted hack subspace (%s, k=%d) into %s", settings.kind, settings.k, path)
     return subspace
 
 

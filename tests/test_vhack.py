@@ -19,6 +19,7 @@ from antipasto_pl.env.pairs import Pair, nonhack_pairs
 from antipasto_pl.env.problems import load_problems
 from antipasto_pl.sequences import completion_log_probs, completion_nll, encode_completions
 from antipasto_pl.vhack import (
+    ExtractionSettings,
     HackSubspace,
     adapter_digest,
     extract_hack_subspace,
@@ -72,7 +73,7 @@ def pairs() -> list[Pair]:
 @pytest.fixture(scope="module")
 def real(policy, pairs) -> HackSubspace:
     model, tokenizer = policy
-    return extract_hack_subspace(model, tokenizer, pairs, k=3, length_norm="sum", progress=False)
+    return extract_hack_subspace(model, tokenizer, pairs, ExtractionSettings(k=3, length_norm="sum"), progress=False)
 
 
 def test_pair_gradients_are_isolated_and_leave_the_model_as_it_was(policy):
@@ -149,7 +150,7 @@ def test_planted_marker_direction_is_recovered_and_points_hackward(policy, pairs
 
     cosines = alignment(real)
     assert min(cosines.values()) > 0.9, cosines
-    mean_cosines = alignment(extract_hack_subspace(model, tokenizer, pairs, k=3, length_norm="mean", progress=False))
+    mean_cosines = alignment(extract_hack_subspace(model, tokenizer, pairs, ExtractionSettings(k=3, length_norm="mean"), progress=False))
     assert sum(mean_cosines.values()) / len(truth) < sum(cosines.values()) / len(truth) - 0.15, mean_cosines
 
     held_out = marker_pairs(8, seed=1)
@@ -180,7 +181,7 @@ def test_planted_marker_direction_is_recovered_and_points_hackward(policy, pairs
 def test_flipping_hack_and_clean_flips_every_row(policy, pairs, real):
     model, tokenizer = policy
     flipped_pairs = [dataclasses.replace(p, hack=p.clean, clean=p.hack) for p in pairs]
-    flipped = extract_hack_subspace(model, tokenizer, flipped_pairs, k=3, length_norm="sum", progress=False)
+    flipped = extract_hack_subspace(model, tokenizer, flipped_pairs, ExtractionSettings(k=3, length_norm="sum"), progress=False)
     assert flipped.modules == real.modules
     for name in real.modules:
         torch.testing.assert_close(flipped.v_hack[name], -real.v_hack[name], atol=1e-5, rtol=0)
@@ -191,13 +192,13 @@ def test_extraction_sees_the_deployed_policy(policy, pairs):
     """A routed model's quarantine is ablated during extraction (and left in force afterwards)."""
     model, tokenizer = policy
     adapters = adapter_modules(model)
-    clean_model = extract_hack_subspace(model, tokenizer, pairs[:4], k=2, progress=False)
+    clean_model = extract_hack_subspace(model, tokenizer, pairs[:4], ExtractionSettings(k=2), progress=False)
     generator = torch.Generator().manual_seed(0)
     try:
         with torch.no_grad():
             for a in adapters.values():
                 a.delta_s_hack.copy_(torch.randn(a.rank, generator=generator))
-        routed = extract_hack_subspace(model, tokenizer, pairs[:4], k=2, progress=False)
+        routed = extract_hack_subspace(model, tokenizer, pairs[:4], ExtractionSettings(k=2), progress=False)
         assert all(a.mode == "full" for a in adapters.values())
     finally:
         with torch.no_grad():
@@ -209,9 +210,9 @@ def test_extraction_sees_the_deployed_policy(policy, pairs):
 
 def test_random_control_is_orthonormal_seeded_and_unrelated_to_real(policy, real):
     model, tokenizer = policy
-    first = extract_hack_subspace(model, tokenizer, [], k=3, kind="random", seed=1)
-    again = extract_hack_subspace(model, tokenizer, [], k=3, kind="random", seed=1)
-    other = extract_hack_subspace(model, tokenizer, [], k=3, kind="random", seed=2)
+    first = extract_hack_subspace(model, tokenizer, [], ExtractionSettings(k=3, kind="random", seed=1))
+    again = extract_hack_subspace(model, tokenizer, [], ExtractionSettings(k=3, kind="random", seed=1))
+    other = extract_hack_subspace(model, tokenizer, [], ExtractionSettings(k=3, kind="random", seed=2))
     assert first.metadata["kind"] == "random" and first.modules == list(adapter_modules(model))
     same_rank = [name for name, a in adapter_modules(model).items() if a.rank == 64]
     assert not torch.equal(first.v_hack[same_rank[0]], first.v_hack[same_rank[1]])  # seeded per module
@@ -227,8 +228,7 @@ def test_shuffled_control_keeps_the_span_but_not_the_orientation(policy, pairs, 
     """Swapping a pair's labels flips the sign of its D row, which leaves D^T D unchanged: the shuffled V
     spans what the real V spans, with the same singular values; only the hack-ward vote changes."""
     model, tokenizer = policy
-    shuffled = extract_hack_subspace(model, tokenizer, pairs, k=3, kind="shuffled", length_norm="sum", seed=3,
-                                     progress=False)
+    shuffled = extract_hack_subspace(model, tokenizer, pairs, ExtractionSettings(k=3, kind="shuffled", length_norm="sum", seed=3), progress=False)
     signs = []
     for name in real.modules:
         assert basis_overlap(shuffled.v_hack[name], real.v_hack[name]) > 0.999
@@ -241,8 +241,7 @@ def test_nonhack_control_runs_on_clean_vs_clean_pairs(policy):
     model, tokenizer = policy
     problems = load_problems("builtin")[:2]
     controls = nonhack_pairs(problems, seed=0, modes=["run_tests", "sentinel"], variants_per_mode=1)
-    subspace = extract_hack_subspace(model, tokenizer, controls, k=2, kind="nonhack", max_completion_tokens=48,
-                                     progress=False)
+    subspace = extract_hack_subspace(model, tokenizer, controls, ExtractionSettings(k=2, kind="nonhack", max_completion_tokens=48), progress=False)
     assert subspace.metadata["kind"] == "nonhack" and subspace.metadata["modes"] == "run_tests,sentinel"
     assert subspace.metadata["n_pairs"] == len(controls) == 4
     assert subspace.modules
@@ -268,11 +267,11 @@ def test_cache_hits_misses_and_refuses_another_base_model(policy, pairs, tmp_pat
     model, tokenizer = policy
     caplog.set_level(logging.INFO, logger="antipasto_pl.vhack")
     pairs = pairs[:4]
-    first = load_or_extract(model, tokenizer, pairs, tmp_path, k=2, progress=False)
+    first = load_or_extract(model, tokenizer, pairs, ExtractionSettings(k=2), tmp_path, progress=False)
     (path,) = tmp_path.glob("*.safetensors")
     stamp = path.stat().st_mtime_ns
     caplog.clear()
-    second = load_or_extract(model, tokenizer, pairs, tmp_path, k=2, seed=7, progress=False)  # real ignores seed
+    second = load_or_extract(model, tokenizer, pairs, ExtractionSettings(k=2, seed=7), tmp_path, progress=False)  # real ignores seed
     assert "reusing hack subspace" in caplog.text and path.stat().st_mtime_ns == stamp
     assert second.metadata == first.metadata and second.metadata["adapter_digest"] == "zero"
     for name in first.modules:
@@ -281,18 +280,18 @@ def test_cache_hits_misses_and_refuses_another_base_model(policy, pairs, tmp_pat
 
     path.write_bytes(b"not a safetensors file")  # an unusable entry is re-extracted, not trusted
     caplog.clear()
-    repaired = load_or_extract(model, tokenizer, pairs, tmp_path, k=2, progress=False)
+    repaired = load_or_extract(model, tokenizer, pairs, ExtractionSettings(k=2), tmp_path, progress=False)
     assert "unusable" in caplog.text and HackSubspace.load(path, model).modules == first.modules
     torch.testing.assert_close(repaired.v_hack, first.v_hack)
 
-    load_or_extract(model, tokenizer, pairs, tmp_path, k=3, progress=False)
-    load_or_extract(model, tokenizer, pairs[:-1], tmp_path, k=2, progress=False)
+    load_or_extract(model, tokenizer, pairs, ExtractionSettings(k=3), tmp_path, progress=False)
+    load_or_extract(model, tokenizer, pairs[:-1], ExtractionSettings(k=2), tmp_path, progress=False)
     adapter = next(iter(adapter_modules(model).values()))
     try:
         with torch.no_grad():
             adapter.delta_s[0] = 0.1  # a refresh mid-run differentiates at the current delta_s
         assert adapter_digest(model) != "zero"
-        load_or_extract(model, tokenizer, pairs, tmp_path, k=2, progress=False)
+        load_or_extract(model, tokenizer, pairs, ExtractionSettings(k=2), tmp_path, progress=False)
     finally:
         with torch.no_grad():
             adapter.delta_s.zero_()

@@ -1,34 +1,48 @@
-"""In-sandbox code: a fork server, the launcher that isolates one run, and the worker that grades it.
+"""In-sandbox code: a fork server, the launcher and supervisor of one sandbox, and the workers that run jobs.
 
 Started by `antipasto_pl.env.sandbox` as ``python -I -S -B harness.py --serve SOCK_FD LIFELINE_FD``
-(a long-lived fork server, one per grading process) or ``... --run JOB_PATH RESULT_FD LIFELINE_FD``
-(one job, where no fork server is possible). It must stay stdlib-only (no site-packages, no
+(a long-lived fork server, one per grading process) or ``... --run HEADER FDS LIFELINE_FD`` (one
+sandbox, where no fork server is possible). It must stay stdlib-only (no site-packages, no
 antipasto_pl import) and side-effect free on import, because the grader imports
 `encode_canonical` / `same_canonical` from here to treat expected values exactly like results.
 
-Process layout of one run::
+A sandbox runs a sequence of jobs (the grader's oracle, then its loophole grade). Process layout::
 
-    launcher   (host side, root or the grader's user; own session): reads + deletes the job file,
-               unshare(2)s new mount/net/pid/ipc/uts namespaces, forks the supervisor, waits.
-    supervisor (pid 1 of the new pid namespace; trusted code only): mounts a fresh /proc, makes
-               every mount read-only except the working dir, drops privileges, forks the worker,
-               enforces the wall deadline and the lifeline, reports the worker's exit status, then
-               exits -- which kills everything left in the namespace.
-    worker     (runs the submission): rlimits, "ready" record, exec + mode check, "done" record.
+    launcher   (host side, root or the grader's user; own session): unshare(2)s new mount/net/pid/ipc/uts
+               namespaces, forks the supervisor, waits.
+    supervisor (pid 1 of the new pid namespace; trusted code only): mounts a fresh /proc, makes every
+               mount read-only except the sandbox dir, drops privileges. Then for each job in turn: reads
+               the job, creates its fresh working dir, forks its worker, enforces the wall deadline and
+               the lifeline, kills every other process in the namespace (daemons included), reads back
+               the files to collect and reports -- so nothing a job started is still running when the
+               next one begins. It reads job i only when job i starts, so no worker ever has a later
+               job's data (say, the expected values a loophole grade compares with) in its memory.
+    worker     (runs the submission): closes every fd but its own pipes, rlimits, "ready" record,
+               exec + mode check, "done" record.
 
-Records are JSON lines written to RESULT_FD, each carrying the job's random nonce, so text the
-submission prints (stdout is a separate pipe) can never be mistaken for a verdict.
+Jobs of one sandbox share its namespaces and its uid; each has its own working dir, pipes and nonce.
+A later job can see what an earlier one left in the sandbox (its files, SysV IPC objects) but not the
+other way round, and an earlier job's collected files are read before the next job starts; the
+grader therefore runs the oracle first.
+
+Two channels: the supervisor reports on a status pipe no worker holds (its host pid, each job's exit
+status and collected files, setup failures); each worker writes JSON lines carrying its job's random
+nonce to its own result pipe, so text the submission prints (stdout is a separate pipe) can never be
+mistaken for a verdict.
 """
 
 from __future__ import annotations
 
+import binascii
 import copy
+import gc
 import json
 import math
 import os
 import resource
 import select
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -71,6 +85,7 @@ _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SECURE_ALL_LOCKED = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
+_TMPFS_INODES = 1 << 14  # files + dirs all jobs of one sandbox may create
 
 
 # ---------------------------------------------------------------- strict canonical form (oracle)
@@ -156,13 +171,14 @@ def same_canonical(a: object, b: object, tol: float | None = None) -> bool:
 
 
 class _Out:
-    """Writes nonce-tagged JSON lines to the result fd (the only channel the grader trusts)."""
+    """Writes JSON lines to a record channel: a worker's result pipe (tagged with its job's nonce) or the
+    supervisor's status pipe (untagged: no worker holds it)."""
 
-    def __init__(self, fd: int, nonce: str) -> None:
-        self._fd, self._nonce, self._dumps, self._write = fd, nonce, json.dumps, os.write
+    def __init__(self, fd: int, nonce: str | None = None) -> None:
+        self._fd, self._tag, self._dumps, self._write = fd, {} if nonce is None else {"n": nonce}, json.dumps, os.write
 
     def __call__(self, kind: str, **fields: object) -> None:
-        data = self._dumps({"n": self._nonce, "k": kind, **fields}).encode() + b"\n"
+        data = self._dumps({**self._tag, "k": kind, **fields}).encode() + b"\n"
         while data:
             data = data[self._write(self._fd, data) :]
 
@@ -227,20 +243,24 @@ def _cover(ctypes, libc, top: str, keep: str) -> None:
     os.close(keep_fd)
 
 
-def _read_only_view(ctypes, libc, workdir: str, uid: int | None) -> None:
-    """Make every mount read-only except a nosuid/nodev bind of the working dir.
+def _read_only_view(ctypes, libc, sandbox_dir: str, uid: int | None, size: int) -> None:
+    """Make every mount read-only, and mount a private tmpfs of `size` bytes at `sandbox_dir` for the
+    jobs' working dirs.
 
-    The grader keeps all its working dirs in one base dir; that is covered by an empty tmpfs with
-    only this run's dir bound back, so no sandbox can see a sibling's files. When the interpreter's
-    stdlib sits below a directory the sandbox uid cannot enter (pyenv or a venv under a 0700
-    /root), that directory is covered the same way with only the stdlib bound back in -- which
-    also hides the rest of that home directory.
+    `sandbox_dir` is the grader's (empty) base dir, so the tmpfs hides nothing, every other
+    sandbox's files stay out of reach, nothing written reaches the host's disk, and all of it is
+    gone with the mount namespace. When the interpreter's stdlib sits below a directory the sandbox
+    uid cannot enter (pyenv or a venv under a 0700 /root), that directory is covered by an empty
+    tmpfs with only the stdlib bound back in -- which also hides the rest of that home directory.
     """
-    _cover(ctypes, libc, os.path.dirname(workdir), workdir)
+    opts = f"mode=700,size={size},nr_inodes={_TMPFS_INODES}".encode()
+    _check(ctypes, libc.mount(b"tmpfs", sandbox_dir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "sandbox tmpfs")
+    if uid is not None:
+        os.chown(sandbox_dir, uid, uid)
     stdlib = os.path.dirname(os.__file__)
     blocked = _untraversable_ancestor(stdlib, uid)
     _mount_setattr(ctypes, libc, "/", _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, 0)
-    _mount_setattr(ctypes, libc, workdir, 0, _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, _MOUNT_ATTR_RDONLY)
+    _mount_setattr(ctypes, libc, sandbox_dir, 0, 0, _MOUNT_ATTR_RDONLY)
     if blocked:
         _cover(ctypes, libc, blocked, stdlib)
         _mount_setattr(ctypes, libc, blocked, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, 0)
@@ -270,31 +290,88 @@ def _drop_privileges(ctypes, libc, iso: dict) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _supervise(child: int, out: _Out, wall: float, lifeline: int) -> None:
-    """Wait for the worker, killing it at the deadline or when the grader's lifeline closes."""
+def _supervise(child: int, wall: float, lifeline: int) -> dict[str, object] | None:
+    """Wait for a worker, killing it at the deadline; its exit record, or None once the grader's
+    lifeline has closed (the grader process is gone: nobody wants the result)."""
     deadline = time.monotonic() + wall
     pidfd = os.pidfd_open(child) if hasattr(os, "pidfd_open") else None
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-            out("exit", timeout=True)
-            os._exit(124)
-        watch = [lifeline] + ([pidfd] if pidfd is not None else [])
-        ready, _, _ = select.select(watch, [], [], remaining if pidfd is not None else min(remaining, 0.01))
-        if lifeline in ready:  # the grader process is gone: nobody wants this result
-            os.kill(child, signal.SIGKILL)
-            os._exit(125)
-        pid, status = os.waitpid(child, os.WNOHANG)
-        if pid:
-            break
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                os.kill(child, signal.SIGKILL)
+                os.waitpid(child, 0)
+                return {"timeout": True}
+            watch = [lifeline] + ([pidfd] if pidfd is not None else [])
+            ready, _, _ = select.select(watch, [], [], remaining if pidfd is not None else min(remaining, 0.01))
+            if lifeline in ready:
+                return None
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                break
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     if os.WIFSIGNALED(status):
-        out("exit", signal=os.WTERMSIG(status))
-        os._exit(128 + os.WTERMSIG(status))
-    code = os.WEXITSTATUS(status)
-    out("exit", code=code)
-    os._exit(code)
+        return {"signal": os.WTERMSIG(status)}
+    return {"code": os.WEXITSTATUS(status)}
+
+
+def _end_job(worker: int, sweep: bool) -> None:
+    """Kill everything the job started, daemons included, and reap what comes back to us.
+
+    With `sweep` we are pid 1 of the sandbox's pid namespace or run as a uid of our own, so kill(-1)
+    reaches exactly the job's processes (never us). Without (no namespaces, no uid of our own) only
+    the worker is ours to kill; the rest of the process group goes when the grader ends the sandbox.
+    """
+    try:
+        os.kill(-1 if sweep else worker, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while True:  # as pid 1 every orphan of the job is our child: ECHILD means the namespace is empty
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _read_back(workdir: str, names: list[str], limit: int) -> dict[str, str]:
+    """Base64 of the regular files `names` in a finished job's dir (never through a symlink).
+
+    Every process of the job is dead by now, so nothing can swap a file while it is read; a file or
+    dir the job locked with chmod is unlocked first (we run as its owner).
+    """
+    files: dict[str, str] = {}
+    if not names:
+        return files
+    try:
+        os.chmod(workdir, 0o700)
+    except OSError:
+        return files
+    for name in names:
+        path = os.path.join(workdir, name)
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except PermissionError:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                os.chmod(path, 0o600)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            data = b""
+            while len(data) < limit and (chunk := os.read(fd, limit - len(data))):
+                data += chunk
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        files[name] = binascii.b2a_base64(data, newline=False).decode()
+    return files
 
 
 # ---------------------------------------------------------------- worker (runs the submission)
@@ -341,17 +418,20 @@ def _module(name: str) -> dict:
     return mod.__dict__
 
 
-def _compile(code: str):
-    return compile(code, "<submission>", "exec")
+def compile_submission(code: str):
+    """Compile untrusted source like ``python solution.py`` would (dont_inherit: this module's own
+    ``from __future__`` flags must not leak into the submission). Compiling never runs the code; the
+    grader uses this too, to settle a syntax error without a sandbox."""
+    return compile(code, "<submission>", "exec", dont_inherit=True)
 
 
 def _run(job: dict, out: _Out) -> None:
     """Execute one job kind and report a "done" record; exceptions become labels, never escape."""
     kind, code = job["kind"], job["code"]
     try:
-        compiled = _compile(code)
+        compiled = compile_submission(code)
         if kind == "exit_code":
-            compiled = _compile(code + "\n\n" + job["suffix"])
+            compiled = compile_submission(code + "\n\n" + job["suffix"])
     except BaseException as exc:  # SyntaxError, ValueError (NUL byte), MemoryError, RecursionError
         out("done", ok=False, label=_LABEL_SYNTAX if not isinstance(exc, MemoryError) else _LABEL_MEMORY)
         os._exit(1)
@@ -465,108 +545,199 @@ def _flush() -> None:
             pass
 
 
-def _worker(job: dict, out: _Out) -> None:
+def _worker(job: dict, stdout: int, stderr: int, result: int) -> None:
+    """Run one job in a forked child of the supervisor. Never returns."""
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    os.dup2(result, 3)
+    # everything else goes: the status pipe, the lifeline, later jobs' data and other jobs' pipes
+    os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.chdir(job["workdir"])
+    os.environ.clear()
+    os.environ.update(job["env"])
     sys.argv = ["solution.py"]  # as if run as `python solution.py` (argparse / unittest.main read it)
     _set_limits(job["limits"])
+    out = _Out(3, job["nonce"])
     out("ready")
     _run(job, out)
     os._exit(0)
 
 
-# ---------------------------------------------------------------- launcher and fork server
+# ---------------------------------------------------------------- launcher, supervisor and fork server
 
 
-def _unshare(ctypes, libc, iso: dict) -> None:
-    """New mount/net/pid/ipc/uts namespaces (plus a user namespace when not root) for this launcher."""
-    outer_uid, outer_gid = os.getuid(), os.getgid()
-    flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC | _CLONE_NEWUTS
-    _check(ctypes, libc.unshare(flags | (_CLONE_NEWUSER if iso["userns"] else 0)), "unshare")
-    if iso["userns"]:
+def _detach() -> None:
+    """Own session, stdio on /dev/null: the first process of a sandbox, whoever forked it."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _fresh_pid_ns(ctypes, libc, own_pid_ns: int | None) -> None:
+    """Make our next child pid 1 of a new pid namespace (root only). A fork server goes back to its
+    own namespace first (`own_pid_ns`), which is what lets it do this once per sandbox."""
+    if own_pid_ns is not None:
+        _check(ctypes, libc.setns(own_pid_ns, _CLONE_NEWPID), "setns(pid)")
+    _check(ctypes, libc.unshare(_CLONE_NEWPID), "unshare(pid)")
+
+
+def _spawn(header: dict, fds: list[int], lifeline: int, own_pid_ns: int | None) -> int:
+    """Fork the first process of one sandbox and return its pid (called by the fork server, or by the
+    one-shot ``--run`` process). As root that is the supervisor itself, already pid 1 of a fresh pid
+    namespace; in a user namespace it is a launcher that creates the namespaces and forks it.
+
+    `fds` are the status pipe, one job file per job, then stdout / stderr / result pipes per job.
+    """
+    iso = header["isolation"]
+    if iso["ns"] and not iso["userns"]:
+        try:
+            _fresh_pid_ns(*_libc(), own_pid_ns)
+        except OSError:
+            pass  # the supervisor finds it is not pid 1 and reports it
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if own_pid_ns is not None:
+                os.close(own_pid_ns)
+            (_launcher if iso["userns"] else _supervisor)(header, fds, lifeline)
+        finally:
+            os._exit(73)
+    for fd in fds:
+        os.close(fd)
+    return pid
+
+
+def _launcher(header: dict, fds: list[int], lifeline: int) -> None:
+    """Without root: create a user namespace and the others in one unshare(2), fork the supervisor
+    (pid 1 of the new pid namespace) and wait for it. Never returns."""
+    status = _Out(fds[0])
+    try:
+        ctypes, libc = _libc()
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _detach()
+        outer_uid, outer_gid = os.getuid(), os.getgid()
+        flags = _CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWIPC | _CLONE_NEWUTS
+        _check(ctypes, libc.unshare(flags), "unshare")
         for name, text in (("setgroups", "deny"), ("uid_map", f"0 {outer_uid} 1"), ("gid_map", f"0 {outer_gid} 1")):
             with open(f"/proc/self/{name}", "w") as fh:
                 fh.write(text)
-    # keep our mounts out of the host's mount table (a new mount ns inherits shared propagation)
-    _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
-
-
-def _launch(job_path: str, result_fd: int, lifeline: int) -> None:
-    """Launcher: namespaces, then fork the supervisor (pid 1) and wait for it. stdout/stderr are set."""
-    with open(job_path, encoding="utf-8") as fh:
-        job = json.load(fh)
-    os.unlink(job_path)
-    out = _Out(result_fd, job["nonce"])
-    iso = job["isolation"]
-    try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        os.environ.clear()
-        os.environ.update(job["env"])
-        ctypes, libc = _libc()
-        if iso["ns"]:
-            _unshare(ctypes, libc, iso)
+        child = os.fork()
     except BaseException as exc:
-        out("fail", error=f"launcher: {exc!r}")
+        status("fail", error=f"launcher: {exc!r}")
         os._exit(71)
-    child = os.fork()
-    if child:
-        out("launch", init=child)
-        os.waitpid(child, 0)
-        os._exit(0)
+    if child == 0:
+        _supervisor(header, fds, lifeline)
+    for fd in fds:  # the pipes must close when the supervisor ends, not when we do
+        os.close(fd)
+    os.waitpid(child, 0)
+    os._exit(0)
+
+
+def _supervisor(header: dict, fds: list[int], lifeline: int) -> None:
+    """The sandbox's pid 1: isolate, then run the jobs one after another (see the module doc). Never returns."""
+    status = _Out(fds[0])
     try:
-        if iso["ns"]:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            ret = libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
-            _check(ctypes, ret, "mount /proc")
-        if iso["mounts"]:
-            _read_only_view(ctypes, libc, job["workdir"], iso["uid"])
-        _drop_privileges(ctypes, libc, iso)
-        os.chdir(job["workdir"])  # re-enter through the writable bind mount that now covers it
-    except BaseException as exc:
-        out("fail", error=f"supervisor: {exc!r}")
+        iso = _isolate(header)
+    except BaseException:
+        status("fail", error="supervisor: " + traceback.format_exc(limit=4))
         os._exit(72)
-    worker = os.fork()
-    if worker == 0:
-        os.close(lifeline)
-        try:
-            _worker(job, out)
-        finally:
-            os._exit(70)
-    _supervise(worker, out, float(job["limits"]["wall"]), lifeline)
+    n = header["jobs"]
+    job_fds, pipes = fds[1 : 1 + n], fds[1 + n :]
+    sweep = iso["ns"] or iso["uid"] is not None  # kill(-1) reaches only this sandbox's processes
+    for i in range(n):
+        job = _read_job(job_fds[i])
+        std = pipes[3 * i : 3 * i + 3]
+        os.mkdir(job["workdir"], 0o700)
+        worker = os.fork()
+        if worker == 0:
+            try:
+                _worker(job, *std)
+            except BaseException:
+                traceback.print_exc()  # on the job's stderr: SandboxError shows it
+            finally:
+                os._exit(70)
+        exit_rec = _supervise(worker, float(job["limits"]["wall"]), lifeline)
+        _end_job(worker, sweep)
+        if exit_rec is None:
+            os._exit(125)
+        files = _read_back(job["workdir"], job["collect"], job["collect_bytes"])
+        for fd in std:
+            os.close(fd)
+        status("exit", job=i, files=files, **exit_rec)
+    os._exit(0)
+
+
+def _isolate(header: dict) -> dict:
+    """The supervisor's setup: namespaces (as root; a launcher made them otherwise), a fresh /proc,
+    the read-only view, then no privileges left. Returns the isolation settings."""
+    iso = header["isolation"]
+    ctypes, libc = _libc()
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # pid 1 without handlers: no signal from inside reaches us
+    if not iso["userns"]:
+        _detach()
+    if iso["ns"]:
+        if os.getpid() != 1:
+            raise OSError("not pid 1: no new pid namespace")
+        if not iso["userns"]:
+            _check(ctypes, libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS), "unshare")
+        # keep our mounts out of the host's mount table (a new mount ns inherits shared propagation)
+        _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
+        ret = libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+        _check(ctypes, ret, "mount /proc")
+    if iso["mounts"]:
+        _read_only_view(ctypes, libc, header["dir"], iso["uid"], header["disk"])
+    _drop_privileges(ctypes, libc, iso)
+    return iso
+
+
+def _read_job(fd: int) -> dict:
+    data = b""
+    while chunk := os.pread(fd, 1 << 20, len(data)):
+        data += chunk
+    os.close(fd)
+    return json.loads(data)
+
+
+def _warm() -> None:
+    """Take the first-call costs of the hot paths once, in the fork server, instead of in every fork:
+    the first compile(), json and deepcopy calls and ctypes' function and array types cost a few ms."""
+    ctypes, libc = _libc()
+    for name in ("mount", "prctl", "syscall", "unshare", "setns", "capset"):
+        getattr(libc, name)
+    for ctype, n in ((ctypes.c_uint64, 4), (ctypes.c_uint32, 2), (ctypes.c_uint32, 6)):
+        ctype * n  # noqa: B018  (ctypes caches array types)
+    compiled = compile_submission("class Solution:\n    def f(self, x):\n        return [x, {'a': 1.5}]\n")
+    ns = _module("__warm__")
+    exec(compiled, ns)
+    result = ns["Solution"]().f(*copy.deepcopy(json.loads(json.dumps([[1, "s", None, True]]))))
+    encode_canonical(result)
+    del sys.modules["__warm__"]
+    gc.collect()
+    gc.freeze()  # forks never touch (copy) the server's own objects during a collection
 
 
 def _serve(sock_fd: int, lifeline: int) -> None:
-    """Fork server: one launcher per request, so no sandbox pays for interpreter start-up and imports.
+    """Fork server: one sandbox per request, so no sandbox pays for interpreter start-up and imports.
 
-    A request is a job path plus three fds (stdout, stderr, result pipe write ends); the reply is the
-    launcher's pid with a pidfd (opened before the launcher can be reaped, so it can never name a
-    recycled pid). Finished launchers are reaped between requests. EOF on the socket ends the server.
+    A request is the sandbox's JSON header plus its fds (see `_spawn`); the reply is the pid of the
+    sandbox's first process with a pidfd (opened before it can be reaped, so it can never name a
+    recycled pid): killing that process ends the whole sandbox. Finished sandboxes are reaped
+    between requests. EOF on the socket ends the server.
     """
     import socket
 
-    _libc()
+    _warm()
+    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if os.geteuid() == 0 else None
     sock = socket.socket(fileno=sock_fd)
     while True:
         _reap()
-        msg, fds, _, _ = socket.recv_fds(sock, 4096, 3)
+        msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 253)
         if not msg:
             os._exit(0)
-        pid = os.fork()
-        if pid == 0:
-            sock.close()
-            os.dup2(fds[0], 1)
-            os.dup2(fds[1], 2)
-            os.close(fds[0])
-            os.close(fds[1])
-            try:
-                _launch(msg.decode(), fds[2], lifeline)
-            except BaseException:
-                traceback.print_exc()  # lands in the run's stderr: SandboxError shows it
-            finally:
-                os._exit(73)
-        for fd in fds:
-            os.close(fd)
+        pid = _spawn(json.loads(msg), fds, lifeline, own_pid_ns)
         pidfd = os.pidfd_open(pid)
         socket.send_fds(sock, [str(pid).encode()], [pidfd])
         os.close(pidfd)
@@ -581,13 +752,13 @@ def _reap() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``--serve SOCK_FD LIFELINE_FD`` (fork server) or ``--run JOB_PATH RESULT_FD LIFELINE_FD`` (one job)."""
+    """``--serve SOCK_FD LIFELINE_FD`` (fork server) or ``--run HEADER FD,FD,... LIFELINE_FD`` (one sandbox)."""
     if argv[1] == "--serve":
         _serve(int(argv[2]), int(argv[3]))
     elif argv[1] == "--run":
-        _launch(argv[2], int(argv[3]), int(argv[4]))
+        os.waitpid(_spawn(json.loads(argv[2]), [int(fd) for fd in argv[3].split(",")], int(argv[4]), None), 0)
     else:
-        raise SystemExit(f"usage: harness.py --serve SOCK LIFELINE | --run JOB RESULT LIFELINE, got {argv[1:]}")
+        raise SystemExit(f"usage: harness.py --serve SOCK LIFELINE | --run HEADER FDS LIFELINE, got {argv[1:]}")
 
 
 if __name__ == "__main__":

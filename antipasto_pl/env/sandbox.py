@@ -29,6 +29,7 @@ group and, as root, an unprivileged uid). Anything below "full" logs one warning
 from __future__ import annotations
 
 import atexit
+import binascii
 import json
 import logging
 import math
@@ -39,7 +40,6 @@ import selectors
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -51,7 +51,6 @@ from typing import Any, Callable, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")
-_JOB_FILE = ".antipasto_job.json"
 _GRACE_S = 0.5  # how long after the wall limit the host side kills a run the supervisor did not end
 _DRAIN_S = 0.5  # after the launcher exits, how long to wait for pipes held by stray processes
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -74,11 +73,12 @@ class SandboxLimits:
     nofile: int = 64  # RLIMIT_NOFILE
     output_bytes: int = 1 << 20  # cap on captured stdout and on captured stderr, each
     result_bytes: int = 16 << 20  # cap on the harness result channel (oracle results)
+    disk_bytes: int = 64 << 20  # the sandbox's private tmpfs: all files its jobs write, together
 
     def __post_init__(self) -> None:
         if not (self.wall_s > 0 and math.isfinite(self.wall_s)):
             raise ValueError(f"SandboxLimits.wall_s must be a positive finite number of seconds, got {self.wall_s!r}")
-        for name in ("memory_bytes", "file_size_bytes", "nproc", "nofile", "output_bytes", "result_bytes"):
+        for name in ("memory_bytes", "file_size_bytes", "nproc", "nofile", "output_bytes", "result_bytes", "disk_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive int, got {value!r}")
@@ -184,9 +184,10 @@ _base: tuple[int, str] | None = None  # (owner pid, dir)
 
 
 def _workdir_base() -> str:
-    """This process's dir for run working dirs: traversable (0711) but not listable by sandboxes.
+    """This process's dir for sandbox dirs: traversable (0711) but not listable by sandboxes.
 
-    Inside a sandbox it is covered by an empty tmpfs with only that run's dir bound back in.
+    With the read-only view each sandbox mounts its own tmpfs over it, so it stays empty on the
+    host; without, it holds one dir per running sandbox.
     """
     global _base
     with _base_lock:
@@ -232,9 +233,9 @@ class _ForkServer:
         theirs.close()
         self.sock, self.owner = ours, os.getpid()
 
-    def launch(self, job_path: str, fds: Sequence[int]) -> tuple[int, int]:
-        """Fork a launcher for `job_path` with (stdout, stderr, result) write ends; return (pid, pidfd)."""
-        socket.send_fds(self.sock, [job_path.encode()], list(fds))
+    def launch(self, header: bytes, fds: Sequence[int]) -> tuple[int, int]:
+        """Fork a launcher for one sandbox (`harness._launch` takes `header` and `fds`); return (pid, pidfd)."""
+        socket.send_fds(self.sock, [header], list(fds))
         msg, rfds, _, _ = socket.recv_fds(self.sock, 64, 1)
         if not msg or len(rfds) != 1:
             raise OSError("fork server closed the connection")
@@ -266,7 +267,7 @@ def _fork_server_supported() -> bool:
 _FORK_SERVER = _fork_server_supported()
 
 
-def _launch_via_server(job_path: str, fds: Sequence[int]) -> tuple[int, int]:
+def _launch_via_server(header: bytes, fds: Sequence[int]) -> tuple[int, int]:
     global _server
     with _server_lock:
         for _ in range(2):
@@ -275,7 +276,7 @@ def _launch_via_server(job_path: str, fds: Sequence[int]) -> tuple[int, int]:
                     _server.sock.close()  # inherited through fork(): belongs to the parent process
                 _server = _ForkServer()
             try:
-                return _server.launch(job_path, fds)
+                return _server.launch(header, fds)
             except OSError as exc:
                 log.warning("sandbox fork server failed (%s); restarting it", exc)
                 _server = None
@@ -290,7 +291,7 @@ def _stop_server() -> None:
 
 @dataclass
 class _Launcher:
-    """Handle on one run's launcher process: started by the fork server (pidfd) or by Popen."""
+    """Handle on one sandbox's launcher process: started by the fork server (pidfd) or by Popen."""
 
     pid: int
     pidfd: int | None
@@ -323,21 +324,33 @@ class _Launcher:
             os.close(self.pidfd)
 
 
-def _start(job_path: str, fds: tuple[int, int, int]) -> _Launcher:
+def _start(header: dict[str, Any], fds: Sequence[int]) -> _Launcher:
     if _FORK_SERVER:
-        pid, pidfd = _launch_via_server(job_path, fds)
+        pid, pidfd = _launch_via_server(json.dumps(header).encode(), fds)
         return _Launcher(pid, pidfd)
     lifeline = _lifeline_fd()
     popen = subprocess.Popen(
-        [*_PYTHON, "--run", job_path, str(fds[2]), str(lifeline)],
+        [*_PYTHON, "--run", json.dumps(header), ",".join(map(str, fds)), str(lifeline)],
         stdin=subprocess.DEVNULL,
-        stdout=fds[0],
-        stderr=fds[1],
-        pass_fds=(fds[2], lifeline),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(*fds, lifeline),
         cwd="/",
         env={"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
     )  # the launcher calls setsid() itself, as it does under the fork server
     return _Launcher(popen.pid, None, popen)
+
+
+def _job_file(data: bytes) -> int:
+    """An unnamed file holding a job (the supervisor reads it only when the job starts)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("antipasto-job", os.MFD_CLOEXEC)
+    else:
+        fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115  (unlinked on creation)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return fd
 
 
 # ---------------------------------------------------------------- running
@@ -350,12 +363,32 @@ def run_sandboxed(
 
     `job` needs "kind" and "code" plus the kind's fields; nonce, limits, working dir, environment
     and isolation are filled in here. `collect` names files in the working dir to read back
-    (regular files only, symlinks refused, at most `limits.output_bytes` each) before the directory
-    is deleted.
+    (regular files only, symlinks refused, at most `limits.output_bytes` each) once the job's
+    processes are dead; the directory is deleted afterwards.
     """
-    if not isinstance(job, Mapping) or not isinstance(job.get("code"), str) or not isinstance(job.get("kind"), str):
-        raise ValueError(f"run_sandboxed job must be a mapping with str 'kind' and 'code', got {job!r:.200}")
-    return _run(_isolation(), job, limits or SandboxLimits(), collect)
+    return run_sequence([job], limits, collect=[collect])[0]
+
+
+def run_sequence(
+    jobs: Sequence[Mapping[str, Any]],
+    limits: SandboxLimits | None = None,
+    *,
+    collect: Sequence[Sequence[str]] | None = None,
+) -> list[SandboxResult]:
+    """Run jobs one after another in one fresh sandbox (one namespace setup for all of them).
+
+    Each job gets its own working dir, pipes, nonce and wall limit, and every process it started is
+    killed before the next job begins; a later job can find what an earlier one left in the sandbox,
+    never the other way round (see `antipasto_pl.env.harness`), so put the job whose verdict must not
+    be influenced first. `collect[i]` names the files to read back for job i.
+    """
+    collect = collect if collect is not None else [()] * len(jobs)
+    if len(collect) != len(jobs):
+        raise ValueError(f"run_sequence got {len(jobs)} jobs but {len(collect)} collect lists")
+    for job in jobs:
+        if not isinstance(job, Mapping) or not isinstance(job.get("code"), str) or not isinstance(job.get("kind"), str):
+            raise ValueError(f"a sandbox job must be a mapping with str 'kind' and 'code', got {job!r:.200}")
+    return _run_jobs(_isolation(), list(zip(jobs, collect)), limits or SandboxLimits())
 
 
 def run_code(code: str, limits: SandboxLimits | None = None, *, collect: Sequence[str] = ()) -> SandboxResult:
@@ -363,124 +396,200 @@ def run_code(code: str, limits: SandboxLimits | None = None, *, collect: Sequenc
     return run_sandboxed({"kind": "script", "code": code}, limits, collect=collect)
 
 
+_Jobs = Sequence[tuple[Mapping[str, Any], Sequence[str]]]
+
+
 def _run(iso: _Isolation, job: Mapping[str, Any], limits: SandboxLimits, collect: Sequence[str]) -> SandboxResult:
+    return _run_jobs(iso, [(job, collect)], limits)[0]
+
+
+def _run_jobs(iso: _Isolation, jobs: _Jobs, limits: SandboxLimits) -> list[SandboxResult]:
+    """All `jobs`, in as few sandboxes as possible: when the host has to kill a sandbox (a job over its
+    output cap or past the backstop deadline), the jobs after that one run in a fresh sandbox."""
+    results: list[SandboxResult] = []
+    while len(results) < len(jobs):
+        results += _run_sandbox(iso, jobs[len(results) :], limits)
+    return results
+
+
+def _run_sandbox(iso: _Isolation, jobs: _Jobs, limits: SandboxLimits) -> list[SandboxResult]:
+    """One sandbox running `jobs`; results for the jobs it got through (at least one)."""
     start = time.monotonic()
-    nonce = secrets.token_hex(16)
     uid = (1 << 20) + secrets.randbelow(1 << 29) if iso.drop_uid else None
-    workdir = tempfile.mkdtemp(prefix="run-", dir=_workdir_base())
-    pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, result
-    readers = tuple(r for r, _ in pipes)
-    writers = [w for _, w in pipes]
+    # with the read-only view the jobs' dirs live on a private tmpfs mounted over the base dir
+    sandbox_dir = _workdir_base() if iso.mounts else tempfile.mkdtemp(prefix="sbx-", dir=_workdir_base())
+    status_r, status_w = os.pipe()
+    pipes = [[os.pipe() for _ in range(3)] for _ in jobs]  # stdout, stderr, result per job
+    readers = [[r for r, _ in job_pipes] for job_pipes in pipes]
+    writers = [status_w]  # in the order `harness._launch` takes them: status, job files, job pipes
+    to_close = [status_r, status_w, *(fd for job_pipes in pipes for pair in job_pipes for fd in pair)]
     try:
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        full_job = {
-            **job,
-            "nonce": nonce,
-            "workdir": workdir,
-            "limits": limits.harness_limits(),
-            "env": {"PATH": _SAFE_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+        if uid is not None and not iso.mounts:
+            os.chown(sandbox_dir, uid, uid)
+        nonces = [secrets.token_hex(16) for _ in jobs]
+        workdirs = [os.path.join(sandbox_dir, secrets.token_hex(8)) for _ in jobs]
+        for (job, collect), nonce, workdir in zip(jobs, nonces, workdirs):
+            env = {"PATH": _SAFE_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+            payload = {
+                **job,
+                "nonce": nonce,
+                "workdir": workdir,
+                "limits": limits.harness_limits(),
+                "env": env,
+                "collect": list(collect),
+                "collect_bytes": limits.output_bytes,
+            }
+            writers.append(_job_file(json.dumps(payload).encode()))
+            to_close.append(writers[-1])
+        writers += [w for job_pipes in pipes for _, w in job_pipes]
+        header = {
             "isolation": {"ns": iso.ns, "mounts": iso.mounts, "userns": iso.userns, "uid": uid, "gid": uid},
+            "dir": sandbox_dir,
+            "disk": limits.disk_bytes,
+            "jobs": len(jobs),
         }
-        job_path = os.path.join(workdir, _JOB_FILE)
-        fd = os.open(job_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(full_job, fh)
-        launcher = _start(job_path, (writers[0], writers[1], writers[2]))
-        for w in writers:
-            os.close(w)
-        writers.clear()
-        streams: dict[str, bytes] = {}
-        try:
-            streams, timed_out, exceeded = _collect_output(
-                launcher, readers, limits, start, on_exit=lambda: _kill_tree(launcher, iso, uid, None)
-            )
-        finally:
-            init = _parse_records(streams.get("result", b""), nonce).get("launch", {}).get("init")
-            _kill_tree(launcher, iso, uid, init if isinstance(init, int) else None)
-            launcher.wait()
-        files = {name: data for name in collect if (data := _read_file(workdir, name, limits.output_bytes)) is not None}
-    finally:
-        for fd in (*readers, *writers):
+        launcher = _start(header, writers)
+        for fd in writers:
             os.close(fd)
-        _rmtree(workdir)
-    records = _parse_records(streams["result"], nonce)
-    if "fail" in records:
-        raise SandboxError(f"sandbox setup failed (isolation {iso.level!r}): {records['fail'].get('error')}")
-    ready = "ready" in records
-    if not ready and not timed_out and not exceeded:
-        tail = streams["stderr"][-2000:].decode("utf-8", "replace")
-        raise SandboxError(f"sandbox harness did not start (isolation {iso.level!r}): {tail}")
-    exit_rec = records.get("exit")
-    return SandboxResult(
-        stdout=streams["stdout"],
-        stderr=streams["stderr"],
-        ready=ready,
-        done=records.get("done"),
-        exit=exit_rec,
-        timed_out=timed_out or bool(exit_rec and exit_rec.get("timeout")),
-        output_exceeded=exceeded,
-        files=files,
-        isolation=iso.level,
-        wall_s=time.monotonic() - start,
-        workdir=workdir,
-        uid=uid,
-    )
-
-
-def _collect_output(
-    launcher: _Launcher, readers: tuple[int, ...], limits: SandboxLimits, start: float, on_exit: Callable[[], None]
-) -> tuple[dict[str, bytes], bool, bool]:
-    """Read stdout, stderr and the result pipe incrementally until EOF, the deadline or a byte cap.
-
-    `on_exit` runs once the launcher has exited, to kill strays still holding the pipes open.
-    """
-    names = ("stdout", "stderr", "result")
-    caps = {"stdout": limits.output_bytes, "stderr": limits.output_bytes, "result": limits.result_bytes}
-    bufs = {name: bytearray() for name in names}
-    sel = selectors.DefaultSelector()
-    for name, fd in zip(names, readers):
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ, name)
-    if launcher.pidfd is not None:
-        sel.register(launcher.pidfd, selectors.EVENT_READ, "exit")
-    deadline = start + limits.wall_s + _GRACE_S
-    timed_out = exceeded = exited = False
-    try:
-        while any(key.data != "exit" for key in sel.get_map().values()):
-            now = time.monotonic()
-            if now >= deadline:
-                timed_out = not exited
-                break
-            poll = deadline - now if launcher.pidfd is not None else min(deadline - now, 0.05)
-            for key, _ in sel.select(poll):
-                if key.data == "exit":
-                    sel.unregister(key.fd)
-                    continue
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    sel.unregister(key.fd)
-                    continue
-                buf = bufs[key.data]
-                room = caps[key.data] - len(buf)
-                buf += chunk[:room]
-                exceeded = exceeded or len(chunk) > room
-            if exceeded:
-                break
-            if not exited and launcher.exited():
-                exited = True
-                on_exit()
-                deadline = min(deadline, time.monotonic() + _DRAIN_S)
+            to_close.remove(fd)
+        pump = _Pump(status_r, readers, limits, start, n_collect=sum(len(collect) for _, collect in jobs))
+        try:
+            pump.run(launcher, on_exit=lambda: _kill_tree(launcher, iso, uid))
+        finally:
+            _kill_tree(launcher, iso, uid)
+            launcher.wait()
     finally:
-        sel.close()
-    return {k: bytes(v) for k, v in bufs.items()}, timed_out, exceeded
+        for fd in to_close:
+            os.close(fd)
+        if not iso.mounts:
+            _rmtree(sandbox_dir)
+    if pump.fail is not None:
+        raise SandboxError(f"sandbox setup failed (isolation {iso.level!r}): {pump.fail}")
+    return pump.results(iso, workdirs, nonces, uid)
 
 
-def _kill_tree(launcher: _Launcher, iso: _Isolation, uid: int | None, init: int | None) -> None:
-    """SIGKILL the namespace init (ends the whole pid namespace) and the launcher; without a pid
-    namespace also the process group and every process of the sandbox uid (daemons that left it)."""
-    if init is not None and not launcher.exited():  # while the launcher lives, `init` is unreaped
-        _signal(init)
+class _Pump:
+    """Reads a sandbox's status pipe and every job's stdout / stderr / result pipe until they close,
+    the current job's backstop deadline passes or a stream goes over its byte cap."""
+
+    def __init__(self, status: int, readers: list[list[int]], limits: SandboxLimits, start: float, n_collect: int) -> None:
+        self.limits, self.start = limits, start
+        self.keys: dict[int, tuple[int, str]] = {status: (-1, "status")}
+        for i, fds in enumerate(readers):
+            self.keys.update({fd: (i, name) for fd, name in zip(fds, ("stdout", "stderr", "result"))})
+        self.bufs = {key: bytearray() for key in self.keys.values()}
+        status_cap = (n_collect * (limits.output_bytes * 4 // 3 + 1024)) + (64 << 10) * len(readers)
+        self.caps = {(-1, "status"): status_cap, **{(i, "result"): limits.result_bytes for i in range(len(readers))}}
+        self.exits: list[tuple[dict[str, Any], float]] = []  # each finished job's exit record and arrival time
+        self.fail: str | None = None
+        self.cut: int | None = None  # the job the host stopped the sandbox for
+        self.timed_out = self.exceeded = False  # why: that job ran past its backstop / over a byte cap
+        self._parsed = 0
+
+    def run(self, launcher: _Launcher, on_exit: Callable[[], None]) -> None:
+        """`on_exit` runs once the launcher has exited, to kill strays still holding pipes open."""
+        sel = selectors.DefaultSelector()
+        for fd in self.keys:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        if launcher.pidfd is not None:
+            sel.register(launcher.pidfd, selectors.EVENT_READ)
+        exited = False
+        drain_until = math.inf
+        try:
+            while any(key.fd in self.keys for key in sel.get_map().values()):
+                now = time.monotonic()
+                deadline = min(self._job_start() + self.limits.wall_s + _GRACE_S, drain_until)
+                if now >= deadline:
+                    if not exited:
+                        self.timed_out, self.cut = True, len(self.exits)
+                    break
+                poll = deadline - now if launcher.pidfd is not None else min(deadline - now, 0.05)
+                for key, _ in sel.select(poll):
+                    if key.fd not in self.keys:  # the launcher's pidfd
+                        sel.unregister(key.fd)
+                        continue
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                        continue
+                    name = self.keys[key.fd]
+                    buf = self.bufs[name]
+                    room = self.caps.get(name, self.limits.output_bytes) - len(buf)
+                    buf += chunk[:room]
+                    if name[0] < 0:
+                        self._parse_status()
+                        if len(chunk) > room:
+                            self.fail = "the supervisor's status channel went over its cap"
+                    elif len(chunk) > room:
+                        self.exceeded, self.cut = True, name[0]
+                if self.exceeded or (self.fail is not None):
+                    break
+                if not exited and launcher.exited():
+                    exited = True
+                    on_exit()
+                    drain_until = time.monotonic() + _DRAIN_S
+        finally:
+            sel.close()
+
+    def _job_start(self) -> float:
+        return self.exits[-1][1] if self.exits else self.start
+
+    def _parse_status(self) -> None:
+        buf = self.bufs[(-1, "status")]
+        end = buf.rfind(b"\n") + 1
+        for line in bytes(buf[self._parsed : end]).splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            kind = rec.get("k") if isinstance(rec, dict) else None
+            if kind == "exit":
+                self.exits.append((rec, time.monotonic()))
+            elif kind == "fail":
+                self.fail = str(rec.get("error"))
+        self._parsed = end
+
+    def results(self, iso: _Isolation, workdirs: list[str], nonces: list[str], uid: int | None) -> list[SandboxResult]:
+        """Results for the jobs this sandbox got through: every job with an exit record, plus the one
+        the host stopped it in or the one it ended in (a sandbox that dies by itself is an error
+        unless that job had started)."""
+        n = self.cut + 1 if self.cut is not None else min(len(self.exits) + 1, len(workdirs))
+        out: list[SandboxResult] = []
+        for i in range(n):
+            stdout, stderr = bytes(self.bufs[(i, "stdout")]), bytes(self.bufs[(i, "stderr")])
+            records = _parse_records(bytes(self.bufs[(i, "result")]), nonces[i])
+            exit_rec, ended = self.exits[i] if i < len(self.exits) else ({}, time.monotonic())
+            stopped = i == self.cut
+            ready = "ready" in records
+            if not ready and not stopped:
+                tail = stderr[-2000:].decode("utf-8", "replace")
+                raise SandboxError(f"sandbox harness did not start (isolation {iso.level!r}): {tail}")
+            status = {k: v for k, v in exit_rec.items() if k in ("code", "signal", "timeout")}
+            files = exit_rec.get("files") if isinstance(exit_rec.get("files"), dict) else {}
+            out.append(
+                SandboxResult(
+                    stdout=stdout,
+                    stderr=stderr,
+                    ready=ready,
+                    done=records.get("done"),
+                    exit=status or None,
+                    timed_out=(stopped and self.timed_out) or bool(status.get("timeout")),
+                    output_exceeded=stopped and self.exceeded,
+                    files={name: binascii.a2b_base64(data) for name, data in files.items()},
+                    isolation=iso.level,
+                    wall_s=ended - (self.exits[i - 1][1] if i else self.start),
+                    workdir=workdirs[i],
+                    uid=uid,
+                )
+            )
+        return out
+
+
+def _kill_tree(launcher: _Launcher, iso: _Isolation, uid: int | None) -> None:
+    """SIGKILL the sandbox's first process: with namespaces that ends everything (pid 1 of the pid
+    namespace, or the launcher it dies with); without, also its process group and every process
+    of the sandbox uid (daemons that left the group)."""
     launcher.kill()
     if not iso.ns:
         try:
@@ -515,20 +624,6 @@ def _pids_of_uid(uid: int) -> list[int]:
         if state != b"Z":
             pids.append(int(name))
     return pids
-
-
-def _read_file(workdir: str, name: str, limit: int) -> bytes | None:
-    """Read workdir/name if it is a regular file (never following a symlink the submission planted)."""
-    try:
-        fd = os.open(os.path.join(workdir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
 
 
 def _rmtree(path: str) -> None:
