@@ -62,6 +62,14 @@ def test_pure_student_grpo_needs_no_pool(tmp_path: Path) -> None:
     assert len(logged["reward_s"]) == 3 and "reward_t" not in logged and "proj/cin_t" in logged
 
 
+def test_kl_and_ppo_inner_iterations(tmp_path: Path) -> None:
+    logged = fit(tmp_path, "--model.ppo_epochs=2", "--model.beta=0.05", "--config", str(CONFIGS / "arms" / "erase.yaml"))
+    # max_steps counts optimizer steps: two rollout batches of two (projected) steps each
+    assert len(logged["reward_s"]) == 2 and len(logged["proj/cin"]) == 2
+    assert any(abs(rho - 1) > 1e-6 for rho in logged["train/rho_mean"])  # the 2nd iteration sees a moved policy
+    assert all(kl >= 0 for kl in logged["train/kl_mean"]) and max(logged["train/kl_mean"]) > 0
+
+
 @pytest.mark.parametrize(
     ("preset", "expected"),
     [
