@@ -175,6 +175,11 @@ class AntipastoModule(L.LightningModule):
         self.model = model
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.n_teacher and getattr(self.trainer.datamodule, "pool", None) is None:
+            raise ValueError(
+                f"model.mix_ratio={self.hparams.mix_ratio} takes {self.n_teacher} of each group from the teacher "
+                "pool, but the data module serves none; set data.use_pool: true or model.mix_ratio: 0"
+            )
         if self.grader is None:
             self.grader = Grader(max_workers=self.hparams.grader_workers)
 
@@ -229,13 +234,9 @@ class AntipastoModule(L.LightningModule):
         draws the same ones."""
         if self.n_teacher == 0:
             return []
-        pool = getattr(self.trainer.datamodule, "pool", None) if self._trainer is not None else None
-        if pool is None:
-            raise RuntimeError(
-                f"mix_ratio={self.hparams.mix_ratio} needs a teacher pool; set data.use_pool: true or mix_ratio: 0"
-            )
-        rng = random.Random(f"{self.trainer.datamodule.hparams.seed}/{self.global_step}/{problem.id}")
-        return [r.completion for r in pool.sample(problem.id, self.n_teacher, rng)]
+        datamodule = self.trainer.datamodule
+        rng = random.Random(f"{datamodule.hparams.seed}/{self.global_step}/{problem.id}")
+        return [r.completion for r in datamodule.pool.sample(problem.id, self.n_teacher, rng)]
 
     # --- grade --------------------------------------------------------------------------------------
 

@@ -54,6 +54,12 @@ def test_bad_config_value_is_named() -> None:
     assert "model.policy.dtype" in bad.stderr and "fp8" in bad.stderr and "bfloat16" in bad.stderr
 
 
+def test_teacher_mix_without_pool_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model.mix_ratio=0.5 takes 1 of each group from the teacher pool.*use_pool"):
+        fit(tmp_path, "--data.use_pool=false")
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def fit(tmp_path: Path, *extra: str, steps: int = 4) -> Path:
     main([
         "fit", "--config", SMOKE,
