@@ -11,12 +11,18 @@ import importlib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 EXTRA_COMMANDS: dict[str, str] = {
     "build-pool": "antipasto_pl.env.pool:build_pool_command",
     "extract-vhack": "antipasto_pl.vhack:extract_vhack_command",
+    "export": "antipasto_pl.export:export_command",
 }
 
 DESCRIPTION = (
@@ -39,7 +45,13 @@ def _load(target: str) -> Callable:
 
 
 class AntipastoCLI(LightningCLI):
-    """LightningCLI with the project's module and data module as defaults."""
+    """LightningCLI with the project's module and data module as defaults, and resumable runs.
+
+    Checkpoints are written atomically (``AtomicCheckpointIO``) to ``<default_root_dir>/checkpoints``
+    (a ``ModelCheckpoint`` without a ``dirpath`` would write into the run's versioned log directory,
+    where ``--ckpt_path last`` of the next run, which gets a new version, never looks). A checkpoint
+    named by ``--ckpt_path`` is checked for truncation before anything reads it.
+    """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         from antipasto_pl.data import AntipastoDataModule
@@ -55,6 +67,27 @@ class AntipastoCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": DESCRIPTION.format(extra=extra)},
         )
+
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        from antipasto_pl.checkpointing import check_checkpoint_file
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).exists():
+            check_checkpoint_file(ckpt_path)  # before LightningCLI unpickles it for the hyperparameters
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        from antipasto_pl.checkpointing import AtomicCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        return trainer
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,7 +2,8 @@
 
 Batches are lists of `Problem`s (P prompts per optimizer step); the LightningModule renders, samples and grades
 them. The training order depends only on (seed, epoch), so every arm of an experiment sees the same prompts at
-the same step and a resumed run replays the same epoch order.
+the same step and a resumed run replays the same epoch order; the training loader is resumable mid-epoch (Lightning
+saves its ``state_dict`` with the fit loop), so a resumed run also continues at the same prompt.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from antipasto_pl.env.pairs import Pair, make_pairs, nonhack_pairs
@@ -25,6 +29,39 @@ from antipasto_pl.env.problems import filter_modes, load_problems, problem_set_h
 def collate_problems(batch: list[Problem]) -> list[Problem]:
     """Keep a batch as a plain list of problems (the default collate would try to stack dataclass fields)."""
     return list(batch)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that remembers how many batches of the current epoch it has served.
+
+    Lightning saves ``state_dict`` with the fit loop and hands it back to ``load_state_dict`` before the
+    resumed epoch's first batch, which then continues after the batches already trained on (skipping is
+    free: a batch is a list of problems). Lightning fetches without prefetching when the length is known,
+    so at a checkpoint the count is exactly the batches trained on.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._resume: dict[str, int] | None = None
+
+    def _epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)
+
+    def __iter__(self) -> Iterator[list[Problem]]:
+        resume, self._resume = self._resume, None
+        skip = resume["batches"] if resume is not None and resume["epoch"] == self._epoch() else 0
+        self._served = 0
+        for batch in super().__iter__():
+            self._served += 1
+            if self._served > skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch(), "batches": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
 
 
 class AntipastoDataModule(L.LightningDataModule):
@@ -150,11 +187,14 @@ class AntipastoDataModule(L.LightningDataModule):
         sampler = DistributedSampler(
             self.train_problems, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=True
         )
-        return self._loader(self.train_problems, sampler=sampler, drop_last=True)
+        return ResumableLoader(
+            self.train_problems, batch_size=self.hparams.prompts_per_step, sampler=sampler, drop_last=True,
+            collate_fn=collate_problems, num_workers=self.hparams.num_workers, generator=self._generator(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         """The held-out problems in a fixed order."""
-        return self._loader(self.val_problems, sampler=None, drop_last=False)
+        return self._loader(self.val_problems)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out problems (``antipasto test`` evaluates the policy on them)."""
@@ -164,16 +204,16 @@ class AntipastoDataModule(L.LightningDataModule):
         """The held-out problems (``antipasto predict`` samples and grades completions for them)."""
         return self.val_dataloader()
 
-    def _loader(self, problems: list[Problem], sampler: DistributedSampler | None, drop_last: bool) -> DataLoader:
+    def _loader(self, problems: list[Problem]) -> DataLoader:
         return DataLoader(
-            problems,
-            batch_size=self.hparams.prompts_per_step,
-            sampler=sampler,
-            shuffle=False,
-            drop_last=drop_last,
-            collate_fn=collate_problems,
-            num_workers=self.hparams.num_workers,
+            problems, batch_size=self.hparams.prompts_per_step, shuffle=False, collate_fn=collate_problems,
+            num_workers=self.hparams.num_workers, generator=self._generator(),
         )
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own RNG: starting to iterate a loader without one draws a seed from the global torch RNG,
+        which would shift the sampling stream by whether (and when) validation ran."""
+        return torch.Generator().manual_seed(self.hparams.seed)
 
     def transfer_batch_to_device(self, batch: list[Problem], device: object, dataloader_idx: int) -> list[Problem]:
         """Batches hold no tensors; Lightning's default would try to rebuild the frozen Problem dataclasses."""

@@ -2,16 +2,20 @@
 
 The frozen base model is rebuilt from its config on every start (``configure_model``);
 checkpoints carry only the adapter vectors, optimizer state and metadata that must match
-the model they are loaded into. Optimization is manual because one rollout batch may feed
+the model they are loaded into, plus the global RNG states so a resumed run samples exactly what the
+uninterrupted run would have. Evaluation samples on a forked RNG, so validating (before or after a
+checkpoint) never shifts the training stream. Optimization is manual because one rollout batch may feed
 several PPO inner iterations; each ``optimizer.step()`` still runs the callbacks'
 ``on_before_optimizer_step`` (where the hack-subspace projection acts) before clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -29,6 +33,7 @@ from antipasto_pl.adapter import (
     wrap_model,
 )
 from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
+from antipasto_pl.checkpointing import collect_rng_states, set_rng_states
 from antipasto_pl.env.grader import Grade, Grader
 from antipasto_pl.env.modes import MODES
 from antipasto_pl.env.problem import Problem
@@ -43,6 +48,8 @@ from antipasto_pl.sequences import (
     completion_token_ids,
     prompt_token_ids,
 )
+
+log = logging.getLogger(__name__)
 
 STUDENT, TEACHER = "s", "t"
 
@@ -112,6 +119,9 @@ class AntipastoModule(L.LightningModule):
         eval_samples_per_prompt: samples per validation prompt.
         max_completion_tokens: teacher completions are truncated to this many tokens
             (default: ``sampling.max_new_tokens``).
+        on_nonfinite: what a non-finite adapter gradient (or loss) does: ``skip`` the optimizer step
+            (every gradient is dropped, so AdamW leaves parameters and moments untouched; the step is
+            reported with the offending modules) or ``stop`` the run with that report.
     """
 
     def __init__(
@@ -138,6 +148,7 @@ class AntipastoModule(L.LightningModule):
         grader_workers: int | None = None,
         eval_samples_per_prompt: int = 2,
         max_completion_tokens: int | None = None,
+        on_nonfinite: Literal["skip", "stop"] = "skip",
     ) -> None:
         super().__init__()
         teacher = round(group_size * mix_ratio)
@@ -161,6 +172,8 @@ class AntipastoModule(L.LightningModule):
         self.grader: Grader | None = None
         self.grad_parts: GradParts | None = None
         self.last_groups: list[Group] = []
+        self._step_loss: Tensor | None = None
+        self._resume_rng: dict[str, Any] | None = None
         keys = [f"{m}_{s}" for m in ("reward", "hack", "gt", "pass") for s in (STUDENT, TEACHER)]
         keys += [f"{mode}/{m}_{s}" for mode in MODES for m in ("hack", "pass") for s in (STUDENT, TEACHER)]
         self.rates = nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in keys})
@@ -328,7 +341,7 @@ class AntipastoModule(L.LightningModule):
         loss = torch.zeros((), device=self.device)
         for _ in range(self.hparams.ppo_epochs):
             optimizer.zero_grad(set_to_none=False)
-            loss = self.backward_groups(chunks, frozen, len(batch))
+            loss = self._step_loss = self.backward_groups(chunks, frozen, len(batch))
             optimizer.step()
         n_active = sum(g.active for g in groups)
         self.log_rates(groups)  # after the step: values logged before a manual step 0 are not flushed
@@ -337,12 +350,34 @@ class AntipastoModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Runs after the callbacks' hook (the projection), so the projected gradient is what is clipped."""
+        """Runs after the callbacks' hook (the projection), so the projected gradient is what is checked
+        for non-finite values and clipped."""
+        if self._drop_nonfinite_step(optimizer):
+            return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
         self.log("train/grad_norm", norm)
         if self.hparams.gradient_clip_norm is not None and params:
             torch.nn.utils.clip_grad_norm_(params, self.hparams.gradient_clip_norm)
+
+    def _drop_nonfinite_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Report a non-finite gradient or loss with the step and modules; stop, or drop every gradient so
+        that this ``optimizer.step`` (already under way: the hooks run inside it) changes nothing."""
+        names = {p: n for n, p in self.named_parameters()}
+        bad = [names[p] for g in optimizer.param_groups for p in g["params"]
+               if p.grad is not None and not torch.isfinite(p.grad).all()]
+        loss = self._step_loss
+        if not bad and (loss is None or torch.isfinite(loss)):
+            return False
+        shown = ", ".join(n.removeprefix("model.") for n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        message = (f"non-finite {'gradient on ' + shown if bad else 'loss'} at step {self.global_step} "
+                   f"(loss {float(loss) if loss is not None else float('nan'):.4g})")
+        if self.hparams.on_nonfinite == "stop":
+            raise FloatingPointError(f"{message}; stopping (model.on_nonfinite: stop)")
+        log.warning("%s; skipping this optimizer step (model.on_nonfinite: skip)", message)
+        optimizer.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", 1.0, reduce_fx="sum", batch_size=1)
+        return True
 
     # --- metrics ------------------------------------------------------------------------------------
 
@@ -374,15 +409,17 @@ class AntipastoModule(L.LightningModule):
 
     # --- evaluation ---------------------------------------------------------------------------------
 
+    def forked_rng(self) -> contextlib.AbstractContextManager[None]:
+        """Sampling that must not advance the training RNG stream (evaluation, prediction)."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
     @torch.no_grad()
     def evaluate(self, problems: list[Problem], ablate_quarantine: bool = False) -> dict[str, float]:
         """Hack and solve rates of fresh student samples on ``problems`` (optionally the deployed view)."""
         prompts = [p.prompt() for p in problems]
         n = self.hparams.eval_samples_per_prompt
-        if ablate_quarantine:
-            with quarantine_ablated(self.model):
-                samples = hf_generate(self.model, self.tokenizer, prompts, n, self.sampling)
-        else:
+        ablation = quarantine_ablated(self.model) if ablate_quarantine else contextlib.nullcontext()
+        with self.forked_rng(), ablation:
             samples = hf_generate(self.model, self.tokenizer, prompts, n, self.sampling)
         items = [(p, c.text) for p, completions in zip(problems, samples) for c in completions]
         grades = self.grader.grade_batch(items)
@@ -403,7 +440,8 @@ class AntipastoModule(L.LightningModule):
 
     def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
         prompts = [problem.prompt() for problem in batch]
-        samples = hf_generate(self.model, self.tokenizer, prompts, self.hparams.eval_samples_per_prompt, self.sampling)
+        with self.forked_rng():
+            samples = hf_generate(self.model, self.tokenizer, prompts, self.hparams.eval_samples_per_prompt, self.sampling)
         items = [(p, c) for p, completions in zip(batch, samples) for c in completions]
         grades = self.grader.grade_batch([(p, c.text) for p, c in items])
         return [
@@ -418,11 +456,22 @@ class AntipastoModule(L.LightningModule):
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["adapter_metadata"] = adapter_metadata(self.model)
+        # Saved at train-batch end, after every other callback's hook of this step: the state the next
+        # step starts from (evaluation in between runs on a forked RNG).
+        checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "adapter_metadata" not in checkpoint:
             raise ValueError("checkpoint has no 'adapter_metadata'; expected one written by antipasto fit")
         check_adapter_metadata(self.model, checkpoint["adapter_metadata"], "checkpoint")
+        self._resume_rng = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch: list[Problem], batch_idx: int) -> None:
+        """Restore the checkpoint's RNG states right before the first resumed step: sanity validation and
+        V extraction, which run in between on a resume only, cannot shift the sampling stream."""
+        if self._resume_rng is not None:
+            set_rng_states(self._resume_rng)
+            self._resume_rng = None
 
 
 def _grad(param: nn.Parameter) -> Tensor:

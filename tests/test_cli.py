@@ -80,7 +80,8 @@ def test_smoke_fit_logs_and_checkpoints_only_the_adapter(tmp_path: Path) -> None
     rewards = scalars(run_dir, "reward_t")
     assert len(rewards) == 3 and all(0.0 <= r <= 1.25 for r in rewards)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["policy"]["name"] == "tiny-llama"
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert not (run_dir / "checkpoints").exists()  # in <default_root_dir>/checkpoints, where `--ckpt_path last` looks
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     keys = set(checkpoint["state_dict"])
     assert keys and all(k.endswith((".delta_s", ".delta_s_hack")) for k in keys)
     assert len(checkpoint["adapter_metadata"]["modules"]) == len(keys) // 2
@@ -92,13 +93,13 @@ def test_smoke_fit_logs_and_checkpoints_only_the_adapter(tmp_path: Path) -> None
 def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path: Path) -> None:
     """`--ckpt_path` through the CLI restores the run's own hyperparameters; a checkpoint handed to a
     differently configured module is refused before training, naming the module."""
-    run_dir = fit(tmp_path / "a", steps=2)
-    module = AntipastoModule(policy=PolicyConfig(name="tiny-llama"), adapter=AdapterConfig(r_max=8))
+    fit(tmp_path / "a", steps=2)
+    module = AntipastoModule(policy=PolicyConfig(name="tiny-llama"), adapter=AdapterConfig(r_max=8), mix_ratio=0.0)
     data = AntipastoDataModule(prompts_per_step=2, use_pool=False)
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"checkpoint: module 'model\.layers\.0\.self_attn\.q_proj' has rank 64 "
                                          r"there, but the model's adapter has rank 8"):
-        trainer.fit(module, data, ckpt_path=run_dir / "checkpoints" / "last.ckpt")
+        trainer.fit(module, data, ckpt_path=tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert all(a.delta_s.abs().sum() == 0 for a in adapter_modules(module.model).values())
 
 

@@ -1,0 +1,65 @@
+"""``antipasto export``: a trained run's deployable artefacts.
+
+Writes the adapter alone (``adapter.safetensors``, loadable with ``load_adapter`` onto the same base
+model) and the deployment view as a plain Hugging Face model directory: every wrapped weight becomes
+``W + U diag(delta_s) Vh`` with the quarantine ``delta_s_hack`` dropped, so the result loads with
+``AutoModelForCausalLM.from_pretrained`` and needs nothing from this package.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from antipasto_pl.adapter import adapter_modules, merged_weights, quarantine_ablated, save_adapter
+from antipasto_pl.checkpointing import AtomicCheckpointIO
+from antipasto_pl.module import AntipastoModule
+
+ADAPTER_FILE = "adapter.safetensors"
+MERGED_DIR = "merged"
+
+
+def load_trained_module(train_config: str | list[str], ckpt_path: str | Path) -> AntipastoModule:
+    """The policy of ``train_config`` with the checkpoint's adapter loaded (after checking it fits)."""
+    from antipasto_pl.cli import AntipastoCLI
+
+    configs = [train_config] if isinstance(train_config, str) else train_config
+    args = [arg for path in configs for arg in ("--config", path)] + ["--data.use_pool", "false"]
+    with warnings.catch_warnings():  # `args` is deliberate here, not a mix-up with sys.argv
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        module = AntipastoCLI(args=args, run=False).model
+    module.configure_model()
+    checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    module.on_load_checkpoint(checkpoint)  # names the module / rank / base weight that does not match
+    state = checkpoint["state_dict"]
+    with torch.no_grad():
+        for name, adapter in adapter_modules(module.model).items():
+            for vector in ("delta_s", "delta_s_hack"):
+                key = f"model.{name}.svd_adapter.{vector}"
+                if key not in state:
+                    raise ValueError(f"checkpoint {ckpt_path} has no {key!r}; expected one written by antipasto fit")
+                getattr(adapter, vector).copy_(state[key])
+    return module
+
+
+def export_command(train_config: str | list[str], ckpt_path: str, out_dir: str) -> Path:
+    """Export a checkpoint's adapter and its deployment view (quarantine ablated, adapter merged).
+
+    Args:
+        train_config: the run's training YAML file, or a list of them applied in order
+            (`--train_config '[configs/cpu.yaml, configs/arms/route.yaml]'`).
+        ckpt_path: checkpoint written by `antipasto fit` (e.g. runs/cpu/checkpoints/last.ckpt).
+        out_dir: output directory: `adapter.safetensors` and `merged/` (model + tokenizer).
+    """
+    module = load_trained_module(train_config, ckpt_path)
+    model, out = module.model, Path(out_dir)
+    save_adapter(model, out / ADAPTER_FILE)
+    with quarantine_ablated(model), merged_weights(model):
+        # The merged weights plus everything else the base model holds; the adapter's own vectors stay out.
+        state = {k: v for k, v in model.state_dict().items() if ".svd_adapter." not in k}
+        model.save_pretrained(out / MERGED_DIR, state_dict=state)
+    module.tokenizer.save_pretrained(out / MERGED_DIR)
+    print(f"adapter: {out / ADAPTER_FILE}\nmerged model (quarantine ablated): {out / MERGED_DIR}")
+    return out

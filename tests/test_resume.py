@@ -1,0 +1,213 @@
+"""Checkpoints, exact resume, faults, the non-finite guard, export and determinism, through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from antipasto_pl.adapter import adapter_modules, quarantine_ablated
+from antipasto_pl.checkpointing import AtomicCheckpointIO, CorruptCheckpointError
+from antipasto_pl.cli import AntipastoCLI, main
+from antipasto_pl.export import ADAPTER_FILE, MERGED_DIR, export_command, load_trained_module
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+ARMS = ROOT / "configs" / "arms"
+# Deterministic, checkpoint every 2 steps, validation after step 2 (between a checkpoint and the next step).
+COMMON = [
+    "--trainer.enable_progress_bar=false", "--trainer.deterministic=true", "--trainer.val_check_interval=2",
+    "--trainer.callbacks.every_n_train_steps=2", "--data.pool_per_prompt=2",
+]
+
+
+def fit_args(root: Path, steps: int, *extra: str) -> list[str]:
+    return ["fit", "--config", SMOKE, *extra, *COMMON, f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}"]
+
+
+def logged(root: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of every run version under ``root``: tag -> {step: value} (later versions continue earlier)."""
+    out: dict[str, dict[int, float]] = {}
+    for version in sorted((root / "lightning_logs").iterdir()):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    return out
+
+
+def adapter_vectors(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("arm", ["erase", "route"])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, arm: str) -> None:
+    """4 steps straight == 2 steps + `--ckpt_path last` for 2, bit for bit (vectors and every logged metric)."""
+    overlay = ["--config", str(ARMS / f"{arm}.yaml"), "--model.deploy_eval_every=2"]
+    main(fit_args(tmp_path / "straight", 4, *overlay))
+    main(fit_args(tmp_path / "split", 2, *overlay))
+    ckpt = tmp_path / "split" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["global_step"] == 2 and {"torch", "python", "numpy"} <= saved["rng_states"].keys()
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
+    assert saved["callbacks"]["HackProjection"]["v_hack"]
+    assert all(k.endswith((".delta_s", ".delta_s_hack")) for k in saved["state_dict"])  # never W, U or Vh
+    main(fit_args(tmp_path / "split", 4, *overlay, "--ckpt_path=last"))
+
+    straight, split = tmp_path / "straight" / "checkpoints", tmp_path / "split" / "checkpoints"
+    a, b = adapter_vectors(straight / "last.ckpt"), adapter_vectors(split / "last.ckpt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith(".delta_s"))
+    if arm == "route":
+        assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith(".delta_s_hack"))
+    metrics_a, metrics_b = logged(tmp_path / "straight"), logged(tmp_path / "split")
+    assert len(metrics_a["reward_s"]) == 4 and "hack_deploy" in metrics_a
+    for tag in ("train/loss", "reward_s", "reward_t", "proj/cin", "proj/leak", "proj/delta_s_hack_norm", "hack_deploy"):
+        assert metrics_a[tag] == metrics_b[tag], tag
+    # Every value either run logged agrees (the uninterrupted run also repeats some step values after validation).
+    assert all(metrics_a[tag][step] == value for tag, values in metrics_b.items() for step, value in values.items())
+
+
+def test_seeded_runs_are_identical(tmp_path: Path) -> None:
+    main(fit_args(tmp_path / "a", 2))
+    main(fit_args(tmp_path / "b", 2))
+    first, second = logged(tmp_path / "a"), logged(tmp_path / "b")
+    assert len(first["train/loss"]) == 2 and first == second
+
+
+def test_sigkill_mid_step_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """A real `antipasto fit` killed with SIGKILL after its step-2 checkpoint resumes there and completes."""
+    script = Path(sys.executable).with_name("antipasto")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "antipasto_pl.cli"]
+    args = fit_args(tmp_path, 8)
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(command + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    checkpoint = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into step 3
+    alive = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert alive and checkpoint.exists(), (tmp_path / "first.log").read_text()[-3000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    resumed_from = torch.load(last, weights_only=True)["global_step"]
+    assert resumed_from in (2, 4, 6)  # what was saved is intact; at most the steps since then are lost
+    for saved in (tmp_path / "checkpoints").glob("*.ckpt"):  # a kill mid-save leaves at most a stray temp file
+        assert torch.load(saved, weights_only=True)["global_step"] in (2, 4, 6)
+    done = subprocess.run(command + args + ["--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    steps = sorted(logged(tmp_path)["train/loss"])
+    resumed_version = sorted((tmp_path / "lightning_logs").iterdir())[-1]
+    events = EventAccumulator(str(resumed_version))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")][0] == resumed_from and steps[-1] == 7
+
+
+def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def killed(obj: Any, f: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_truncated_or_foreign_checkpoint_fails_fast_with_its_name(tmp_path: Path) -> None:
+    main(fit_args(tmp_path / "run", 2))
+    data = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    truncated, garbage = tmp_path / "truncated.ckpt", tmp_path / "garbage.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage.write_bytes(b"not a checkpoint")
+    for bad in (truncated, garbage):
+        with pytest.raises(CorruptCheckpointError, match=rf"checkpoint {bad} is corrupt or truncated"):
+            main(fit_args(tmp_path / "resume", 4, f"--ckpt_path={bad}"))
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.self_attn\.q_proj' has rank 64 there, but the "
+                                         r"model's adapter has rank 8"):
+        cli = AntipastoCLI(args=["--config", SMOKE, "--model.adapter.r_max=8", "--trainer.logger=false"], run=False)
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=tmp_path / "run" / "checkpoints" / "last.ckpt")
+
+
+class PoisonGradient(L.Callback):
+    """Writes NaN into one module's delta_s gradient at one step (before the module's own check runs) and
+    records the parameters and Adam state around that step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before: dict[str, Any] = {}
+        self.after: dict[str, Any] = {}
+
+    @staticmethod
+    def snapshot(pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        params = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+        return {"params": params, "state": state}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step == self.step:
+            adapter = next(iter(adapter_modules(pl_module.model).values()))
+            adapter.delta_s.grad[0] = float("nan")
+            self.before = self.snapshot(pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.step + 1:
+            self.after = self.snapshot(pl_module, trainer.optimizers[0])
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_gradient_is_reported_and_skipped_or_stops(tmp_path: Path, policy: str) -> None:
+    cli = AntipastoCLI(args=fit_args(tmp_path, 3, f"--model.on_nonfinite={policy}")[1:], run=False)
+    poison = PoisonGradient(step=1)
+    cli.trainer.callbacks.insert(0, poison)
+    if policy == "stop":
+        with pytest.raises(FloatingPointError, match=r"non-finite gradient on model\.layers\.0\.self_attn\.q_proj\.svd_adapter"
+                                                      r"\.delta_s at step 1 .*on_nonfinite: stop"):
+            cli.trainer.fit(cli.model, cli.datamodule)
+        return
+    cli.trainer.fit(cli.model, cli.datamodule)
+    before, after = poison.before, poison.after
+    assert before["state"] and before["state"].keys() == after["state"].keys()
+    for key, state in before["state"].items():
+        assert all(torch.equal(v, after["state"][key][k]) for k, v in state.items())
+    assert all(torch.equal(v, after["params"][n]) for n, v in before["params"].items())
+    assert min(logged(tmp_path)["train/skipped_steps"].items()) == (1, 1.0)
+    final = cli.model
+    assert all(torch.isfinite(p).all() for p in final.parameters() if p.requires_grad)
+
+
+def test_export_merged_model_equals_the_ablated_trained_model(tmp_path: Path) -> None:
+    configs = [SMOKE, str(ARMS / "route.yaml")]
+    main(fit_args(tmp_path / "run", 2, "--config", configs[1]))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = export_command(configs, str(ckpt), str(tmp_path / "export"))
+    assert (out / ADAPTER_FILE).is_file()
+    trained = load_trained_module(configs, ckpt).model
+    assert any(a.delta_s_hack.abs().sum() > 0 for a in adapter_modules(trained).values())
+    merged = AutoModelForCausalLM.from_pretrained(out / MERGED_DIR)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = trained(ids).logits
+        with quarantine_ablated(trained):
+            ablated = trained(ids).logits
+        deployed = merged(ids).logits
+    torch.testing.assert_close(deployed, ablated, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(deployed, full, rtol=1e-4, atol=1e-4)
