@@ -230,6 +230,10 @@ def convert_smollm2(cache_dir: str | None = None) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "antipasto_source.json").write_text(json.dumps({"gguf": gguf_file, "sha256_prefix": key}))
+        # mkdtemp (and some writers) make files private; the cache is meant to be shared like any model dir
+        staging.chmod(0o755)
+        for item in staging.iterdir():
+            item.chmod(0o644)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
