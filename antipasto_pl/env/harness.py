@@ -1,4 +1,4 @@
-"""In-sandbox code: a fork server, the launcher and supervisor of one sandbox, and the workers that run jobs.
+"""In-sandbox code: the fork server, the supervisor of one sandbox, and the workers that run its jobs.
 
 Started by `antipasto_pl.env.sandbox` as ``python -I -S -B harness.py --serve SOCK_FD LIFELINE_FD``
 (a long-lived fork server, one per grading process) or ``... --run HEADER FDS LIFELINE_FD`` (one
@@ -8,27 +8,29 @@ antipasto_pl import) and side-effect free on import, because the grader imports
 
 A sandbox runs a sequence of jobs (the grader's oracle, then its loophole grade). Process layout::
 
-    launcher   (host side, root or the grader's user; own session): unshare(2)s new mount/net/pid/ipc/uts
-               namespaces, forks the supervisor, waits.
-    supervisor (pid 1 of the new pid namespace; trusted code only): mounts a fresh /proc, makes every
-               mount read-only except the sandbox dir, drops privileges. Then for each job in turn: reads
-               the job, creates its fresh working dir, forks its worker, enforces the wall deadline and
-               the lifeline, kills every other process in the namespace (daemons included), reads back
-               the files to collect and reports -- so nothing a job started is still running when the
-               next one begins. It reads job i only when job i starts, so no worker ever has a later
-               job's data (say, the expected values a loophole grade compares with) in its memory.
-    worker     (runs the submission): closes every fd but its own pipes, rlimits, "ready" record,
+    spawner    (the fork server; trusted, imports done): forks each sandbox's first process -- as root
+               into a fresh pid namespace and namespaces it prepared once (`_Spawner`).
+    launcher   (only without root): creates a user namespace and the others, forks the supervisor.
+    supervisor (pid 1 of the sandbox's pid namespace; trusted code only): its own mount/ipc/uts
+               namespaces, a fresh /proc, a private tmpfs for working dirs, then no privileges. Then
+               for each job in turn: reads the job, creates its fresh working dir, forks its worker,
+               enforces the wall deadline and the lifeline, kills every other process in the
+               namespace (daemons included), reads back the files to collect and reports -- so
+               nothing a job started is still running when the next one begins. It reads job i only
+               when job i starts, so no worker ever has a later job's data (say, the expected values
+               a loophole grade compares with) in its memory.
+    worker     (runs the submission): closes every fd but its own three, rlimits, "ready" record,
                exec + mode check, "done" record.
 
-Jobs of one sandbox share its namespaces and its uid; each has its own working dir, pipes and nonce.
+Jobs of one sandbox share its namespaces and its uid; each has its own working dir, fds and nonce.
 A later job can see what an earlier one left in the sandbox (its files, SysV IPC objects) but not the
 other way round, and an earlier job's collected files are read before the next job starts; the
 grader therefore runs the oracle first.
 
-Two channels: the supervisor reports on a status pipe no worker holds (its host pid, each job's exit
-status and collected files, setup failures); each worker writes JSON lines carrying its job's random
-nonce to its own result pipe, so text the submission prints (stdout is a separate pipe) can never be
-mistaken for a verdict.
+Two record channels: the supervisor reports on a status pipe no worker holds (each job's exit status
+and collected files, setup failures); each worker writes JSON lines carrying its job's random nonce
+to its own result file (unnamed; the grader reads it once the job is over), so text the submission
+prints (stdout is a separate pipe) can never be mistaken for a verdict.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import stat
 import sys
 import time
@@ -62,8 +65,6 @@ _LABEL_TYPE = "bad_type"
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 _MOUNT_ATTR_RDONLY = 0x1
-_MOUNT_ATTR_NOSUID = 0x2
-_MOUNT_ATTR_NODEV = 0x4
 _MS_BIND = 4096
 _MS_REC = 16384
 _MS_NOSUID = 2
@@ -171,26 +172,29 @@ def same_canonical(a: object, b: object, tol: float | None = None) -> bool:
 
 
 class _Out:
-    """Writes JSON lines to a record channel: a worker's result pipe (tagged with its job's nonce) or the
-    supervisor's status pipe (untagged: no worker holds it)."""
+    """Writes JSON lines to a record channel: a worker's result file (tagged with its job's nonce) or
+    the supervisor's status pipe (untagged: no worker holds it)."""
 
     def __init__(self, fd: int, nonce: str | None = None) -> None:
         self._fd, self._tag, self._dumps, self._write = fd, {} if nonce is None else {"n": nonce}, json.dumps, os.write
 
+    def line(self, kind: str, **fields: object) -> bytes:
+        return self._dumps({**self._tag, "k": kind, **fields}).encode() + b"\n"
+
     def __call__(self, kind: str, **fields: object) -> None:
-        data = self._dumps({**self._tag, "k": kind, **fields}).encode() + b"\n"
+        data = self.line(kind, **fields)
         while data:
             data = data[self._write(self._fd, data) :]
 
 
-# ---------------------------------------------------------------- isolation (launcher + supervisor, trusted)
+# ---------------------------------------------------------------- isolation (spawner, launcher, supervisor: trusted)
 
 
 _LIBC: tuple | None = None
 
 
 def _libc():
-    """(ctypes, libc), loaded once: the fork server preloads it so launchers do not pay for it."""
+    """(ctypes, libc), loaded once: the fork server preloads it so sandboxes do not pay for it."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -219,16 +223,12 @@ def _bind(ctypes, libc, src: str, dst: str) -> None:
     _check(ctypes, libc.mount(src.encode(), dst.encode(), None, _MS_BIND | _MS_REC, None), f"bind {dst}")
 
 
-def _untraversable_ancestor(path: str, uid: int | None) -> str | None:
-    """Top-most ancestor of `path` that an unprivileged `uid` cannot enter (e.g. a 0700 /root)."""
-    if uid is None:
-        return None
-    parts = os.path.abspath(path).split(os.sep)[1:]
+def _untraversable_ancestor(path: str) -> str | None:
+    """Top-most ancestor of `path` that a uid owning nothing cannot enter (e.g. a 0700 /root)."""
     cur = ""
-    for part in parts:
+    for part in os.path.abspath(path).split(os.sep)[1:]:
         cur += os.sep + part
-        st = os.stat(cur)
-        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+        if not os.stat(cur).st_mode & 0o001:
             return cur
     return None
 
@@ -243,27 +243,34 @@ def _cover(ctypes, libc, top: str, keep: str) -> None:
     os.close(keep_fd)
 
 
-def _read_only_view(ctypes, libc, sandbox_dir: str, uid: int | None, size: int) -> None:
-    """Make every mount read-only, and mount a private tmpfs of `size` bytes at `sandbox_dir` for the
-    jobs' working dirs.
+def _read_only_view(ctypes, libc, foreign_uid: bool) -> None:
+    """Make every mount of our (new) mount namespace private and read-only.
 
-    `sandbox_dir` is the grader's (empty) base dir, so the tmpfs hides nothing, every other
-    sandbox's files stay out of reach, nothing written reaches the host's disk, and all of it is
-    gone with the mount namespace. When the interpreter's stdlib sits below a directory the sandbox
-    uid cannot enter (pyenv or a venv under a 0700 /root), that directory is covered by an empty
-    tmpfs with only the stdlib bound back in -- which also hides the rest of that home directory.
+    With `foreign_uid` (the sandboxes run as a uid that owns nothing) and the interpreter's stdlib
+    below a directory such a uid cannot enter (pyenv or a venv under a 0700 /root), that directory
+    is covered by an empty tmpfs with only the stdlib bound back in -- which also hides the rest of
+    that home directory.
     """
-    opts = f"mode=700,size={size},nr_inodes={_TMPFS_INODES}".encode()
-    _check(ctypes, libc.mount(b"tmpfs", sandbox_dir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "sandbox tmpfs")
-    if uid is not None:
-        os.chown(sandbox_dir, uid, uid)
+    # keep our mounts out of the host's mount table (a new mount ns inherits shared propagation)
+    _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
     stdlib = os.path.dirname(os.__file__)
-    blocked = _untraversable_ancestor(stdlib, uid)
+    blocked = _untraversable_ancestor(stdlib) if foreign_uid else None
     _mount_setattr(ctypes, libc, "/", _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, 0)
-    _mount_setattr(ctypes, libc, sandbox_dir, 0, 0, _MOUNT_ATTR_RDONLY)
     if blocked:
         _cover(ctypes, libc, blocked, stdlib)
         _mount_setattr(ctypes, libc, blocked, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, 0)
+
+
+def _sandbox_tmpfs(ctypes, libc, path: str, uid: int | None, size: int) -> None:
+    """Mount a private tmpfs of `size` bytes at `path` for the jobs' working dirs.
+
+    `path` is the grader's (empty) base dir: the tmpfs hides nothing, keeps every other sandbox's
+    files out of reach, caps what the jobs can write in total, and is gone with the mount namespace.
+    """
+    opts = f"mode=700,size={size},nr_inodes={_TMPFS_INODES}".encode()
+    _check(ctypes, libc.mount(b"tmpfs", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts), "sandbox tmpfs")
+    if uid is not None:
+        os.chown(path, uid, uid)
 
 
 def _drop_privileges(ctypes, libc, iso: dict) -> None:
@@ -285,8 +292,8 @@ def _drop_privileges(ctypes, libc, iso: dict) -> None:
     _check(ctypes, libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     if iso["ns"]:
-        # setuid clears the parent-death signal; restore it so killing the (host-side) launcher
-        # always takes this namespace down.
+        # setuid clears the parent-death signal; restore it so that the end of whoever forked us (a
+        # killed launcher, the fork server) always takes this namespace down.
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
@@ -420,16 +427,17 @@ def _module(name: str) -> dict:
 
 def compile_submission(code: str):
     """Compile untrusted source like ``python solution.py`` would (dont_inherit: this module's own
-    ``from __future__`` flags must not leak into the submission). Compiling never runs the code; the
-    grader uses this too, to settle a syntax error without a sandbox."""
+    ``from __future__`` flags must not leak into the submission). Compiling never runs the code."""
     return compile(code, "<submission>", "exec", dont_inherit=True)
 
 
-def _run(job: dict, out: _Out) -> None:
-    """Execute one job kind and report a "done" record; exceptions become labels, never escape."""
+def _run(job: dict, out: _Out, compiled: types.CodeType | None) -> None:
+    """Execute one job kind and report a "done" record; exceptions become labels, never escape.
+    `compiled`: the job's code as the supervisor compiled it, if it did."""
     kind, code = job["kind"], job["code"]
     try:
-        compiled = compile_submission(code)
+        if compiled is None:
+            compiled = compile_submission(code)
         if kind == "exit_code":
             compiled = compile_submission(code + "\n\n" + job["suffix"])
     except BaseException as exc:  # SyntaxError, ValueError (NUL byte), MemoryError, RecursionError
@@ -545,21 +553,27 @@ def _flush() -> None:
             pass
 
 
-def _worker(job: dict, stdout: int, stderr: int, result: int) -> None:
-    """Run one job in a forked child of the supervisor. Never returns."""
+def _prepare(job: dict) -> bytes:
+    """Set, in the supervisor, what its next worker inherits: working dir, environment, argv. A fresh
+    process pays a copy-on-write fault for every page this touches; we do only on the first job.
+    Returns the worker's "ready" record."""
+    os.mkdir(job["workdir"], 0o700)
+    os.chdir(job["workdir"])
+    _set_environ(job["env"])
+    sys.argv = ["solution.py"]  # as if run as `python solution.py` (argparse / unittest.main read it)
+    return _Out(3, job["nonce"]).line("ready")
+
+
+def _worker(job: dict, stdout: int, stderr: int, result: int, compiled: types.CodeType | None, ready: bytes) -> None:
+    """Run one job in a forked child of the supervisor (see `_prepare`). Never returns."""
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
     os.dup2(result, 3)
-    # everything else goes: the status pipe, the lifeline, later jobs' data and other jobs' pipes
+    # everything else goes: the status pipe, the lifeline, later jobs' data and other jobs' fds
     os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    os.chdir(job["workdir"])
-    os.environ.clear()
-    os.environ.update(job["env"])
-    sys.argv = ["solution.py"]  # as if run as `python solution.py` (argparse / unittest.main read it)
     _set_limits(job["limits"])
-    out = _Out(3, job["nonce"])
-    out("ready")
-    _run(job, out)
+    os.write(3, ready)
+    _run(job, _Out(3, job["nonce"]), compiled)
     os._exit(0)
 
 
@@ -567,46 +581,194 @@ def _worker(job: dict, stdout: int, stderr: int, result: int) -> None:
 
 
 def _detach() -> None:
-    """Own session, stdio on /dev/null: the first process of a sandbox, whoever forked it."""
-    os.setsid()
+    """Own process group (so it can be killed as one, and no terminal's Ctrl-C reaches it), stdio on
+    /dev/null: the first process of a sandbox, whoever forked it. Not setsid(2): a new session is a
+    new scheduler autogroup, and moving into one stalls the process for a scheduling period."""
+    os.setpgid(0, 0)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
 
 
-def _fresh_pid_ns(ctypes, libc, own_pid_ns: int | None) -> None:
-    """Make our next child pid 1 of a new pid namespace (root only). A fork server goes back to its
-    own namespace first (`own_pid_ns`), which is what lets it do this once per sandbox."""
-    if own_pid_ns is not None:
-        _check(ctypes, libc.setns(own_pid_ns, _CLONE_NEWPID), "setns(pid)")
-    _check(ctypes, libc.unshare(_CLONE_NEWPID), "unshare(pid)")
+class _Spawner:
+    """Starts sandboxes: the state of the fork server (or of the one-shot ``--run`` process).
 
+    As root it prepares, once, what sandboxes can share without sharing anything a sandbox can
+    change: a mount namespace holding the read-only view (each supervisor copies it with
+    unshare(2) and only adds its /proc and tmpfs), and empty network namespaces, each lent to one
+    running sandbox at a time and reused once every process of that sandbox is gone. Creating (and,
+    asynchronously, destroying) a network namespace costs the kernel more than the rest of a
+    sandbox's setup together; and nothing a sandbox did outlives its processes in one where it had no
+    capability: its sockets (abstract unix names included) close with them, while interfaces,
+    addresses, routes and sysctls need CAP_NET_ADMIN. The loopback device stays down.
 
-def _spawn(header: dict, fds: list[int], lifeline: int, own_pid_ns: int | None) -> int:
-    """Fork the first process of one sandbox and return its pid (called by the fork server, or by the
-    one-shot ``--run`` process). As root that is the supervisor itself, already pid 1 of a fresh pid
-    namespace; in a user namespace it is a launcher that creates the namespaces and forks it.
-
-    `fds` are the status pipe, one job file per job, then stdout / stderr / result pipes per job.
+    The fork server also keeps a *spare*: the next sandbox's supervisor, forked ahead of time into
+    its fresh namespaces with its /proc mounted, waiting for the request -- so neither the fork nor
+    that setup delays a sandbox (`_spare`).
     """
-    iso = header["isolation"]
-    if iso["ns"] and not iso["userns"]:
+
+    def __init__(self, lifeline: int) -> None:
+        self._ctypes, self._libc = _libc()
+        self._lifeline = lifeline
+        self._root = os.geteuid() == 0
+        kinds = ("mnt", "net", "pid") if self._root else ()
+        self._home = {kind: os.open(f"/proc/self/ns/{kind}", os.O_RDONLY) for kind in kinds}  # where we started
+        self._view = self._make_view() if self._root else None
+        self._idle_nets: list[int] = []
+        self._lent: dict[int, int] = {}  # sandbox pid -> its network namespace
+        self._spares: dict[tuple, tuple[int, socket.socket]] = {}  # isolation -> (pid, socket to it)
+
+    def _make_view(self) -> int | None:
+        ctypes, libc = self._ctypes, self._libc
         try:
-            _fresh_pid_ns(*_libc(), own_pid_ns)
+            _check(ctypes, libc.unshare(_CLONE_NEWNS), "unshare(mnt)")
         except OSError:
-            pass  # the supervisor finds it is not pid 1 and reports it
-    pid = os.fork()
-    if pid == 0:
+            return None
         try:
-            if own_pid_ns is not None:
-                os.close(own_pid_ns)
-            (_launcher if iso["userns"] else _supervisor)(header, fds, lifeline)
+            _read_only_view(ctypes, libc, foreign_uid=True)
+            return os.open("/proc/self/ns/mnt", os.O_RDONLY)
+        except OSError:
+            return None
         finally:
-            os._exit(73)
-    for fd in fds:
-        os.close(fd)
-    return pid
+            _check(ctypes, libc.setns(self._home["mnt"], _CLONE_NEWNS), "setns(mnt)")
+
+    def spawn(self, request: bytes, header: dict, fds: list[int], close: tuple[int, ...] = ()) -> int:
+        """Start one sandbox; the pid of its first process.
+
+        As root that is the supervisor itself: pid 1 of a fresh pid namespace, in a network namespace
+        of its own and, for the read-only view, in the view's mount namespace (which it copies) --
+        the spare if one is waiting. In a user namespace it is a launcher that creates the
+        namespaces and forks the supervisor. `request`: the sandbox's JSON `header`; `fds`: the
+        status pipe, one job file per job, then stdout / stderr pipes and result file per job;
+        `close`: our own fds no sandbox may keep.
+        """
+        iso = header["isolation"]
+        spare = self._spares.pop(_isolation_key(iso), None)
+        if spare is not None:
+            pid, sock = spare
+            try:
+                socket.send_fds(sock, [request], fds)
+            except OSError:  # it died: start one the slow way
+                pid = -1
+            sock.close()
+            if pid > 0:
+                for fd in fds:
+                    os.close(fd)
+                return pid
+        isolate = iso["ns"] and not iso["userns"]
+        net, ready = self._place_or_none(isolate, iso["mounts"])
+        pid = self._fork(net, close)
+        if pid == 0:
+            try:
+                if iso["userns"]:
+                    _launcher(header, fds, self._lifeline)
+                _supervisor(header, fds, self._lifeline, ready)
+            finally:
+                os._exit(73)
+        for fd in fds:
+            os.close(fd)
+        return pid
+
+    def prepare_spare(self, iso: dict, close: tuple[int, ...] = ()) -> None:
+        """Fork a spare for sandboxes isolated like `iso`, unless one is waiting (root only)."""
+        key = _isolation_key(iso)
+        if not (self._root and iso["ns"] and not iso["userns"]) or key in self._spares:
+            return
+        net, ready = self._place_or_none(True, iso["mounts"])
+        if not ready:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = self._fork(net, (*close, ours.fileno()))
+        if pid == 0:
+            try:
+                _spare(iso, theirs, self._lifeline)
+            finally:
+                os._exit(74)
+        theirs.close()
+        self._spares[key] = (pid, ours)
+
+    def _place_or_none(self, isolate: bool, view: bool) -> tuple[int | None, bool]:
+        """(lent network namespace, whether the next child starts where isolation asks). Without
+        root we never move: a launcher makes the namespaces, or there are none."""
+        if not self._root:
+            return None, True
+        try:
+            return self._place(isolate, view), True
+        except OSError:
+            return None, False  # the supervisor reports it
+
+    def _fork(self, net: int | None, close: tuple[int, ...]) -> int:
+        """Fork; the child keeps none of our fds (namespaces, other sandboxes' sockets, `close`)."""
+        try:
+            pid = os.fork()
+        except OSError:
+            if net is not None:
+                self._idle_nets.append(net)
+            raise
+        if pid == 0:
+            spares = [sock.fileno() for _, sock in self._spares.values()]
+            for fd in (*close, *self._home.values(), *self._idle_nets, *self._lent.values(), *spares):
+                os.close(fd)
+            for fd in (self._view, net):
+                if fd is not None:
+                    os.close(fd)
+        elif net is not None:
+            self._lent[pid] = net
+        return pid
+
+    def _place(self, isolate: bool, view: bool) -> int | None:
+        """Stand where the next child must start. Isolated: the view's mount namespace (with `view`,
+        else the host's), an unused network namespace, which is returned, and a fresh pid namespace.
+        Otherwise: back where we started (never in a namespace lent to another sandbox)."""
+        ctypes, libc = self._ctypes, self._libc
+        if view and self._view is None:
+            raise OSError("no read-only view on this machine")
+        _check(ctypes, libc.setns(self._view if isolate and view else self._home["mnt"], _CLONE_NEWNS), "setns(mnt)")
+        _check(ctypes, libc.setns(self._home["pid"], _CLONE_NEWPID), "setns(pid)")
+        if not isolate:
+            _check(ctypes, libc.setns(self._home["net"], _CLONE_NEWNET), "setns(net)")
+            return None
+        if self._idle_nets:
+            net = self._idle_nets.pop()
+            if libc.setns(net, _CLONE_NEWNET) != 0:
+                os.close(net)
+                raise OSError(ctypes.get_errno(), "setns(net)")
+        else:
+            _check(ctypes, libc.unshare(_CLONE_NEWNET), "unshare(net)")
+            net = os.open("/proc/self/ns/net", os.O_RDONLY)
+        if libc.unshare(_CLONE_NEWPID) != 0:
+            self._idle_nets.append(net)
+            raise OSError(ctypes.get_errno(), "unshare(pid)")
+        return net
+
+    def reaped(self, pid: int) -> None:
+        """A sandbox's first process was reaped: as pid 1 it went only after every other one."""
+        net = self._lent.pop(pid, None)
+        if net is not None:
+            self._idle_nets.append(net)
+        for key, (spare, sock) in list(self._spares.items()):
+            if spare == pid:
+                sock.close()
+                del self._spares[key]
+
+
+def _isolation_key(iso: dict) -> tuple:
+    return iso["ns"], iso["mounts"], iso["userns"]
+
+
+def _spare(iso: dict, sock: socket.socket, lifeline: int) -> None:
+    """A supervisor forked ahead of its request: enters its namespaces, then waits on `sock` for the
+    sandbox's header and fds (EOF: the fork server is gone). Never returns."""
+    try:
+        _enter(iso, ready=True)
+    except BaseException:
+        os._exit(75)  # the next request finds it gone and starts its sandbox the slow way
+    msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 253)
+    if not msg:
+        os._exit(0)
+    sock.close()
+    _supervisor(json.loads(msg), fds, lifeline, ready=True, entered=True)
 
 
 def _launcher(header: dict, fds: list[int], lifeline: int) -> None:
@@ -628,40 +790,53 @@ def _launcher(header: dict, fds: list[int], lifeline: int) -> None:
         status("fail", error=f"launcher: {exc!r}")
         os._exit(71)
     if child == 0:
-        _supervisor(header, fds, lifeline)
+        _supervisor(header, fds, lifeline, ready=True)
     for fd in fds:  # the pipes must close when the supervisor ends, not when we do
         os.close(fd)
     os.waitpid(child, 0)
     os._exit(0)
 
 
-def _supervisor(header: dict, fds: list[int], lifeline: int) -> None:
-    """The sandbox's pid 1: isolate, then run the jobs one after another (see the module doc). Never returns."""
+def _supervisor(header: dict, fds: list[int], lifeline: int, ready: bool, entered: bool = False) -> None:
+    """The sandbox's pid 1: isolate, then run the jobs one after another (see the module doc). Never
+    returns. `ready`: whoever forked us made the namespaces isolation asks for; `entered`: we are a
+    spare and already did `_enter`."""
     status = _Out(fds[0])
+    iso = header["isolation"]
     try:
-        iso = _isolate(header)
+        if not entered:
+            _enter(iso, ready)
+        _seal(header)
     except BaseException:
         status("fail", error="supervisor: " + traceback.format_exc(limit=4))
         os._exit(72)
     n = header["jobs"]
-    job_fds, pipes = fds[1 : 1 + n], fds[1 + n :]
+    job_files, job_io = fds[1 : 1 + n], fds[1 + n :]
     sweep = iso["ns"] or iso["uid"] is not None  # kill(-1) reaches only this sandbox's processes
+    compiled: dict[str, types.CodeType | None] = {}  # the jobs of a sandbox usually share their code
     for i in range(n):
-        job = _read_job(job_fds[i])
-        std = pipes[3 * i : 3 * i + 3]
-        os.mkdir(job["workdir"], 0o700)
-        worker = os.fork()
-        if worker == 0:
-            try:
-                _worker(job, *std)
-            except BaseException:
-                traceback.print_exc()  # on the job's stderr: SandboxError shows it
-            finally:
-                os._exit(70)
-        exit_rec = _supervise(worker, float(job["limits"]["wall"]), lifeline)
-        _end_job(worker, sweep)
-        if exit_rec is None:
-            os._exit(125)
+        job = _read_job(job_files[i])
+        std = job_io[3 * i : 3 * i + 3]  # stdout, stderr, result file
+        ready = _prepare(job)
+        code = compiled[job["code"]] if job["code"] in compiled else _precompile(job["code"])
+        compiled[job["code"]] = code
+        if code is _NO_CODE:  # report what its worker would, without starting one
+            os.write(std[2], ready)
+            _Out(std[2], job["nonce"])("done", ok=False, label=_LABEL_SYNTAX)
+            exit_rec: dict[str, object] | None = {"code": 1}
+        else:
+            worker = os.fork()
+            if worker == 0:
+                try:
+                    _worker(job, *std, code, ready)
+                except BaseException:
+                    traceback.print_exc()  # on the job's stderr: SandboxError shows it
+                finally:
+                    os._exit(70)
+            exit_rec = _supervise(worker, float(job["limits"]["wall"]), lifeline)
+            _end_job(worker, sweep)
+            if exit_rec is None:
+                os._exit(125)
         files = _read_back(job["workdir"], job["collect"], job["collect_bytes"])
         for fd in std:
             os.close(fd)
@@ -669,46 +844,90 @@ def _supervisor(header: dict, fds: list[int], lifeline: int) -> None:
     os._exit(0)
 
 
-def _isolate(header: dict) -> dict:
-    """The supervisor's setup: namespaces (as root; a launcher made them otherwise), a fresh /proc,
-    the read-only view, then no privileges left. Returns the isolation settings."""
-    iso = header["isolation"]
+_NO_CODE = compile("", "<none>", "exec")  # stands for "does not compile"
+_PRECOMPILE_CHARS = 1 << 16  # longer code is compiled by its worker, under its limits
+
+
+def _precompile(code: str) -> types.CodeType | None:
+    """Compile a job's code in the supervisor (compiling never runs it): once for all the sandbox's jobs
+    with that code, and a syntax error needs no worker at all. `_NO_CODE` when it cannot compile; None
+    leaves it to the worker (too long to compile outside the job's limits, or a failure -- recursion,
+    memory -- that depends on them)."""
+    if len(code) > _PRECOMPILE_CHARS:
+        return None
+    try:
+        return compile_submission(code)
+    except (SyntaxError, ValueError):  # ValueError: NUL bytes
+        return _NO_CODE
+    except Exception:
+        return None
+
+
+def _enter(iso: dict, ready: bool) -> None:
+    """The supervisor's setup that needs nothing of the request (a spare does it ahead of time): its
+    own mount/ipc/uts namespaces and a fresh /proc."""
     ctypes, libc = _libc()
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # pid 1 without handlers: no signal from inside reaches us
     if not iso["userns"]:
         _detach()
+    if not ready or (iso["ns"] and os.getpid() != 1):
+        raise OSError("the sandbox's namespaces could not be set up")
     if iso["ns"]:
-        if os.getpid() != 1:
-            raise OSError("not pid 1: no new pid namespace")
-        if not iso["userns"]:
-            _check(ctypes, libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS), "unshare")
-        # keep our mounts out of the host's mount table (a new mount ns inherits shared propagation)
-        _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
+        if iso["userns"]:  # the launcher made them all; the view is ours to build
+            if iso["mounts"]:
+                _read_only_view(ctypes, libc, foreign_uid=False)
+        else:  # a copy of the spawner's mount namespace: the read-only view, or the host's mounts
+            _check(ctypes, libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS), "unshare")
+            if not iso["mounts"]:
+                _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
         ret = libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
         _check(ctypes, ret, "mount /proc")
+
+
+def _seal(header: dict) -> None:
+    """The rest of the supervisor's setup: the sandbox tmpfs, then no privileges left."""
+    ctypes, libc = _libc()
+    iso = header["isolation"]
     if iso["mounts"]:
-        _read_only_view(ctypes, libc, header["dir"], iso["uid"], header["disk"])
+        _sandbox_tmpfs(ctypes, libc, header["dir"], iso["uid"], header["disk"])
     _drop_privileges(ctypes, libc, iso)
-    return iso
+
+
+def _set_environ(env: dict[str, str]) -> None:
+    """Make the environment exactly `env`, touching only what differs (os.environ is slow to rebuild)."""
+    for key in [key for key in os.environ if key not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _read_job(fd: int) -> dict:
+    size = os.fstat(fd).st_size
     data = b""
-    while chunk := os.pread(fd, 1 << 20, len(data)):
+    while len(data) < size and (chunk := os.pread(fd, size - len(data), len(data))):
         data += chunk
     os.close(fd)
     return json.loads(data)
 
 
+# Standard modules submissions commonly import (typing alone takes a fresh worker 3-9 ms): the fork
+# server imports them once and every worker finds them in sys.modules. Pure modules only -- no
+# process-wide state a worker would inherit (random's seed, say) -- and none heavy to fork.
+_PRELOAD = ("bisect", "collections", "functools", "heapq", "itertools", "math", "operator", "re", "string", "typing")
+
+
 def _warm() -> None:
     """Take the first-call costs of the hot paths once, in the fork server, instead of in every fork:
-    the first compile(), json and deepcopy calls and ctypes' function and array types cost a few ms."""
+    the first compile(), json and deepcopy calls and ctypes' function and array types cost a few ms,
+    and so do the imports in `_PRELOAD`."""
+    for name in _PRELOAD:
+        __import__(name)
     ctypes, libc = _libc()
     for name in ("mount", "prctl", "syscall", "unshare", "setns", "capset"):
         getattr(libc, name)
     for ctype, n in ((ctypes.c_uint64, 4), (ctypes.c_uint32, 2), (ctypes.c_uint32, 6)):
-        ctype * n  # noqa: B018  (ctypes caches array types)
+        ctype * n  # ctypes caches array types
     compiled = compile_submission("class Solution:\n    def f(self, x):\n        return [x, {'a': 1.5}]\n")
     ns = _module("__warm__")
     exec(compiled, ns)
@@ -717,46 +936,55 @@ def _warm() -> None:
     del sys.modules["__warm__"]
     gc.collect()
     gc.freeze()  # forks never touch (copy) the server's own objects during a collection
+    if hasattr(libc, "malloc_trim"):  # glibc: hand the heap left over from imports back (every fork copies it)
+        libc.malloc_trim(0)
 
 
 def _serve(sock_fd: int, lifeline: int) -> None:
-    """Fork server: one sandbox per request, so no sandbox pays for interpreter start-up and imports.
+    """Fork server: one sandbox per request, so no sandbox pays for interpreter start-up, imports or
+    the setup sandboxes can share (`_Spawner`).
 
-    A request is the sandbox's JSON header plus its fds (see `_spawn`); the reply is the pid of the
-    sandbox's first process with a pidfd (opened before it can be reaped, so it can never name a
-    recycled pid): killing that process ends the whole sandbox. Finished sandboxes are reaped
+    A request is the sandbox's JSON header plus its fds (see `_Spawner.spawn`); the reply is the pid
+    of the sandbox's first process with a pidfd (opened before it can be reaped, so it can never name
+    a recycled pid): killing that process ends the whole sandbox. Finished sandboxes are reaped
     between requests. EOF on the socket ends the server.
     """
-    import socket
-
     _warm()
-    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if os.geteuid() == 0 else None
+    spawner = _Spawner(lifeline)
     sock = socket.socket(fileno=sock_fd)
     while True:
-        _reap()
+        for pid in _reap():
+            spawner.reaped(pid)
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 253)
         if not msg:
             os._exit(0)
-        pid = _spawn(json.loads(msg), fds, lifeline, own_pid_ns)
+        header = json.loads(msg)
+        pid = spawner.spawn(msg, header, fds, close=(sock_fd,))
         pidfd = os.pidfd_open(pid)
         socket.send_fds(sock, [str(pid).encode()], [pidfd])
         os.close(pidfd)
+        spawner.prepare_spare(header["isolation"], close=(sock_fd,))  # after the reply: off this request's path
 
 
-def _reap() -> None:
+def _reap() -> list[int]:
+    pids = []
     try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
+        while pid := os.waitpid(-1, os.WNOHANG)[0]:
+            pids.append(pid)
     except ChildProcessError:
         pass
+    return pids
 
 
 def main(argv: list[str]) -> None:
     """``--serve SOCK_FD LIFELINE_FD`` (fork server) or ``--run HEADER FD,FD,... LIFELINE_FD`` (one sandbox)."""
+    # no Python handler anywhere in a sandbox: as pid 1 the supervisor then ignores every signal sent from inside
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if argv[1] == "--serve":
         _serve(int(argv[2]), int(argv[3]))
     elif argv[1] == "--run":
-        os.waitpid(_spawn(json.loads(argv[2]), [int(fd) for fd in argv[3].split(",")], int(argv[4]), None), 0)
+        request = argv[2].encode()
+        os.waitpid(_Spawner(int(argv[4])).spawn(request, json.loads(request), [int(fd) for fd in argv[3].split(",")]), 0)
     else:
         raise SystemExit(f"usage: harness.py --serve SOCK LIFELINE | --run HEADER FDS LIFELINE, got {argv[1:]}")
 

@@ -1,25 +1,32 @@
-"""Run untrusted model-written code in an isolated, resource-limited child process (DESIGN section 6).
+"""Run untrusted model-written code in isolated, resource-limited child processes (DESIGN section 6).
 
-Every run gets a fresh working directory, a scrubbed environment, its own session and process group,
-and runs `antipasto_pl.env.harness` (stdlib only, ``python -I -S -B``). A per-process *fork server*
-(a pre-started harness interpreter) forks one launcher per run, so no run pays for interpreter
-start-up; where that is impossible (no pidfd / not Linux) each run starts its own interpreter.
+A sandbox runs a sequence of jobs (`run_sequence`; the grader's oracle, then its loophole grade) or
+one (`run_sandboxed`, `run_code`). Each job gets a fresh working directory, a scrubbed environment
+and its own worker process running `antipasto_pl.env.harness` (stdlib only, ``python -I -S -B``),
+and everything a job started is killed before the next job begins. A per-process *fork server* (a
+pre-started, pre-imported harness interpreter) forks every sandbox, so none pays for interpreter
+start-up; where that is impossible (no pidfd / not Linux) each sandbox starts its own interpreter.
 
-On Linux, where allowed, the launcher unshare(2)s new network, pid, mount, ipc and uts namespaces:
+On Linux, where allowed, every sandbox gets fresh pid, mount, ipc and uts namespaces and a network
+namespace no other running sandbox uses:
 
-* network namespace: only a downed loopback, so no connection can leave the sandbox;
-* pid namespace: the harness supervisor is pid 1, so every process the submission starts (double
-  forks and ``setsid`` daemons included) dies with it, and host processes are invisible;
-* mount namespace: a fresh /proc, and every mount read-only except a bind of the working dir;
+* network namespace: only a downed loopback, so no connection can leave the sandbox; empty ones are
+  reused once a sandbox is over (see `harness._Spawner`: nothing a sandbox did survives it there);
+* pid namespace: the harness supervisor is pid 1, so every process a job starts (double forks and
+  ``setsid`` daemons included) dies before the next job and with the sandbox, and host processes are
+  invisible;
+* mount namespace: a fresh /proc, every mount read-only, and a private size-capped tmpfs (nothing of
+  it reaches the host) for the jobs' working dirs;
 * as real root the harness switches to a random unprivileged uid (RLIMIT_NPROC is ignored for root,
   so this is what stops a fork bomb); as a normal user it runs in a user namespace and drops all
   capabilities instead.
 
 Resource limits (CPU, address space, file size, processes, open files, no core dumps) are set on
-the worker right before the submission runs. The wall clock is enforced twice: by the supervisor
-inside and by this module, which SIGKILLs the namespace init, the launcher and (without a pid
-namespace) the process group and every process of the sandbox uid. Output is read incrementally
-and the run is killed as soon as it exceeds its byte budget.
+the worker right before the submission runs. The wall clock is enforced twice: per job by the
+supervisor inside, and by this module, which SIGKILLs the sandbox's first process (ending its pid
+namespace) and, without a pid namespace, its process group and every process of the sandbox uid.
+Output is read incrementally and the sandbox is killed as soon as a job exceeds its byte budget
+(the jobs after it then run in a fresh sandbox).
 
 Isolation levels (`isolation_level()`): "full" (namespaces + read-only view + unprivileged uid or no
 capabilities), "namespaces" (namespaces, but the read-only view failed), "none" (rlimits, a process
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")
 _GRACE_S = 0.5  # how long after the wall limit the host side kills a run the supervisor did not end
 _DRAIN_S = 0.5  # after the launcher exits, how long to wait for pipes held by stray processes
+SPLIT_S = 0.1  # a job running this long hands the jobs waiting behind it to another sandbox (on_split)
+_MAX_JOBS = 32  # per sandbox: 4 fds a job travel in one SCM_RIGHTS message (at most 253)
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PYTHON = (sys.executable, "-I", "-S", "-B", HARNESS_PATH)
 
@@ -72,7 +81,7 @@ class SandboxLimits:
     nproc: int = 32  # RLIMIT_NPROC (per sandbox uid; counts the supervisor and the worker)
     nofile: int = 64  # RLIMIT_NOFILE
     output_bytes: int = 1 << 20  # cap on captured stdout and on captured stderr, each
-    result_bytes: int = 16 << 20  # cap on the harness result channel (oracle results)
+    result_bytes: int = 16 << 20  # cap on the worker's records (oracle results)
     disk_bytes: int = 64 << 20  # the sandbox's private tmpfs: all files its jobs write, together
 
     def __post_init__(self) -> None:
@@ -101,7 +110,7 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """What came back from one run. `done` / `exit` are the harness's nonce-checked records."""
+    """What came back from one job. `done` is the worker's nonce-checked record, `exit` the supervisor's."""
 
     stdout: bytes
     stderr: bytes
@@ -129,7 +138,7 @@ class SandboxResult:
 class _Isolation:
     level: str
     ns: bool  # unshare(2) new namespaces
-    mounts: bool  # read-only view of everything but the working dir
+    mounts: bool  # read-only view, working dirs on a private tmpfs
     userns: bool  # not root: the namespaces live in a user namespace
     drop_uid: bool  # real root: switch the harness to a random unprivileged uid
 
@@ -228,7 +237,9 @@ class _ForkServer:
             pass_fds=(theirs.fileno(), lifeline),
             cwd="/",
             env={"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
-            start_new_session=True,  # a Ctrl-C in the trainer's terminal must not kill it
+            # own process group: a Ctrl-C in the trainer's terminal must not reach it; same session, so its
+            # sandboxes share the trainer's scheduler autogroup instead of competing with it as another one
+            process_group=0,
         )
         theirs.close()
         self.sock, self.owner = ours, os.getpid()
@@ -315,10 +326,12 @@ class _Launcher:
         except ProcessLookupError:
             pass
 
-    def wait(self) -> None:
+    def wait(self, block: bool = True) -> None:
+        """Reap (Popen) or wait for the exit of (pidfd) the killed launcher; without `block` a pidfd
+        launcher is left to the fork server to reap."""
         if self.popen is not None:
             self.popen.wait()
-        elif self.pidfd is not None:
+        elif self.pidfd is not None and block:
             select.select([self.pidfd], [], [], 5.0)
         if self.pidfd is not None:
             os.close(self.pidfd)
@@ -337,16 +350,18 @@ def _start(header: dict[str, Any], fds: Sequence[int]) -> _Launcher:
         pass_fds=(*fds, lifeline),
         cwd="/",
         env={"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
-    )  # the launcher calls setsid() itself, as it does under the fork server
+    )  # the sandbox makes its own process group, as it does under the fork server
     return _Launcher(popen.pid, None, popen)
 
 
-def _job_file(data: bytes) -> int:
-    """An unnamed file holding a job (the supervisor reads it only when the job starts)."""
+def _unnamed_file(data: bytes) -> int:
+    """An unnamed file holding `data`: a job (the supervisor reads it only when the job starts), or
+    an empty result file for a job's worker."""
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("antipasto-job", os.MFD_CLOEXEC)
     else:
-        fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115  (unlinked on creation)
+        with tempfile.TemporaryFile() as fh:  # unlinked on creation
+            fd = os.dup(fh.fileno())
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -374,13 +389,19 @@ def run_sequence(
     limits: SandboxLimits | None = None,
     *,
     collect: Sequence[Sequence[str]] | None = None,
+    on_split: Callable[[int], None] | None = None,
 ) -> list[SandboxResult]:
     """Run jobs one after another in one fresh sandbox (one namespace setup for all of them).
 
-    Each job gets its own working dir, pipes, nonce and wall limit, and every process it started is
+    Each job gets its own working dir, output pipes, nonce and wall limit, and every process it started is
     killed before the next job begins; a later job can find what an earlier one left in the sandbox,
     never the other way round (see `antipasto_pl.env.harness`), so put the job whose verdict must not
     be influenced first. `collect[i]` names the files to read back for job i.
+
+    With `on_split`, a job still running after `SPLIT_S` while later jobs wait hands those over:
+    ``on_split(k)`` is called with the index of the first waiting job, the caller runs jobs k.. (in
+    another sandbox, in parallel), and only the results for jobs before k come back -- so a slow job
+    delays the others by `SPLIT_S` at most, at the price of one more sandbox.
     """
     collect = collect if collect is not None else [()] * len(jobs)
     if len(collect) != len(jobs):
@@ -388,7 +409,7 @@ def run_sequence(
     for job in jobs:
         if not isinstance(job, Mapping) or not isinstance(job.get("code"), str) or not isinstance(job.get("kind"), str):
             raise ValueError(f"a sandbox job must be a mapping with str 'kind' and 'code', got {job!r:.200}")
-    return _run_jobs(_isolation(), list(zip(jobs, collect)), limits or SandboxLimits())
+    return _run_jobs(_isolation(), list(zip(jobs, collect)), limits or SandboxLimits(), on_split)
 
 
 def run_code(code: str, limits: SandboxLimits | None = None, *, collect: Sequence[str] = ()) -> SandboxResult:
@@ -400,29 +421,42 @@ _Jobs = Sequence[tuple[Mapping[str, Any], Sequence[str]]]
 
 
 def _run(iso: _Isolation, job: Mapping[str, Any], limits: SandboxLimits, collect: Sequence[str]) -> SandboxResult:
-    return _run_jobs(iso, [(job, collect)], limits)[0]
+    return _run_jobs(iso, [(job, collect)], limits, None)[0]
 
 
-def _run_jobs(iso: _Isolation, jobs: _Jobs, limits: SandboxLimits) -> list[SandboxResult]:
-    """All `jobs`, in as few sandboxes as possible: when the host has to kill a sandbox (a job over its
+def _run_jobs(
+    iso: _Isolation, jobs: _Jobs, limits: SandboxLimits, on_split: Callable[[int], None] | None
+) -> list[SandboxResult]:
+    """`jobs` in as few sandboxes as possible: when the host has to kill a sandbox (a job over its
     output cap or past the backstop deadline), the jobs after that one run in a fresh sandbox."""
     results: list[SandboxResult] = []
-    while len(results) < len(jobs):
-        results += _run_sandbox(iso, jobs[len(results) :], limits)
+    handed_over = False
+
+    def hand_over(k: int) -> None:  # `k` counts from the first job of the current sandbox
+        nonlocal handed_over
+        handed_over = True
+        on_split(len(results) + k)  # type: ignore[misc]  (only passed on when set)
+
+    while len(results) < len(jobs) and not handed_over:
+        batch = jobs[len(results) : len(results) + _MAX_JOBS]
+        results += _run_sandbox(iso, batch, limits, hand_over if on_split else None)
     return results
 
 
-def _run_sandbox(iso: _Isolation, jobs: _Jobs, limits: SandboxLimits) -> list[SandboxResult]:
+def _run_sandbox(
+    iso: _Isolation, jobs: _Jobs, limits: SandboxLimits, on_split: Callable[[int], None] | None
+) -> list[SandboxResult]:
     """One sandbox running `jobs`; results for the jobs it got through (at least one)."""
     start = time.monotonic()
     uid = (1 << 20) + secrets.randbelow(1 << 29) if iso.drop_uid else None
     # with the read-only view the jobs' dirs live on a private tmpfs mounted over the base dir
     sandbox_dir = _workdir_base() if iso.mounts else tempfile.mkdtemp(prefix="sbx-", dir=_workdir_base())
     status_r, status_w = os.pipe()
-    pipes = [[os.pipe() for _ in range(3)] for _ in jobs]  # stdout, stderr, result per job
+    pipes = [[os.pipe() for _ in range(2)] for _ in jobs]  # stdout, stderr per job
+    results = [_unnamed_file(b"") for _ in jobs]  # per job, the worker's records: read once the job is over
     readers = [[r for r, _ in job_pipes] for job_pipes in pipes]
-    writers = [status_w]  # in the order `harness._launch` takes them: status, job files, job pipes
-    to_close = [status_r, status_w, *(fd for job_pipes in pipes for pair in job_pipes for fd in pair)]
+    writers = [status_w]  # in the order `harness._Spawner.spawn` takes them: status, job files, job fds
+    to_close = [status_r, status_w, *results, *(fd for job_pipes in pipes for pair in job_pipes for fd in pair)]
     try:
         if uid is not None and not iso.mounts:
             os.chown(sandbox_dir, uid, uid)
@@ -439,9 +473,9 @@ def _run_sandbox(iso: _Isolation, jobs: _Jobs, limits: SandboxLimits) -> list[Sa
                 "collect": list(collect),
                 "collect_bytes": limits.output_bytes,
             }
-            writers.append(_job_file(json.dumps(payload).encode()))
+            writers.append(_unnamed_file(json.dumps(payload).encode()))
             to_close.append(writers[-1])
-        writers += [w for job_pipes in pipes for _, w in job_pipes]
+        writers += [fd for job_pipes, result in zip(pipes, results) for fd in (job_pipes[0][1], job_pipes[1][1], result)]
         header = {
             "isolation": {"ns": iso.ns, "mounts": iso.mounts, "userns": iso.userns, "uid": uid, "gid": uid},
             "dir": sandbox_dir,
@@ -450,14 +484,16 @@ def _run_sandbox(iso: _Isolation, jobs: _Jobs, limits: SandboxLimits) -> list[Sa
         }
         launcher = _start(header, writers)
         for fd in writers:
-            os.close(fd)
-            to_close.remove(fd)
+            if fd not in results:
+                os.close(fd)
+                to_close.remove(fd)
         pump = _Pump(status_r, readers, limits, start, n_collect=sum(len(collect) for _, collect in jobs))
         try:
-            pump.run(launcher, on_exit=lambda: _kill_tree(launcher, iso, uid))
+            pump.run(launcher, on_exit=lambda: _kill_tree(launcher, iso, uid), on_split=on_split)
         finally:
             _kill_tree(launcher, iso, uid)
-            launcher.wait()
+            launcher.wait(block=not pump.complete)  # complete: every job's processes are already gone
+        records = [_read_records(fd, nonce, limits) for fd, nonce in zip(results, nonces)]
     finally:
         for fd in to_close:
             os.close(fd)
@@ -465,28 +501,33 @@ def _run_sandbox(iso: _Isolation, jobs: _Jobs, limits: SandboxLimits) -> list[Sa
             _rmtree(sandbox_dir)
     if pump.fail is not None:
         raise SandboxError(f"sandbox setup failed (isolation {iso.level!r}): {pump.fail}")
-    return pump.results(iso, workdirs, nonces, uid)
+    return pump.results(iso, workdirs, records, uid)
 
 
 class _Pump:
-    """Reads a sandbox's status pipe and every job's stdout / stderr / result pipe until they close,
-    the current job's backstop deadline passes or a stream goes over its byte cap."""
+    """Reads a sandbox's status pipe and every job's stdout / stderr pipes until every job has
+    reported and closed its pipes (`complete`: the supervisor's own exit and namespace teardown are
+    not waited for), the current job's backstop deadline passes, a stream goes over its byte cap, the
+    jobs after a slow one have been handed over (`run_sequence`'s on_split) and the slow one has
+    finished, or the sandbox is gone."""
 
     def __init__(self, status: int, readers: list[list[int]], limits: SandboxLimits, start: float, n_collect: int) -> None:
-        self.limits, self.start = limits, start
+        self.limits, self.start, self.n = limits, start, len(readers)
         self.keys: dict[int, tuple[int, str]] = {status: (-1, "status")}
         for i, fds in enumerate(readers):
-            self.keys.update({fd: (i, name) for fd, name in zip(fds, ("stdout", "stderr", "result"))})
+            self.keys.update({fd: (i, name) for fd, name in zip(fds, ("stdout", "stderr"))})
         self.bufs = {key: bytearray() for key in self.keys.values()}
-        status_cap = (n_collect * (limits.output_bytes * 4 // 3 + 1024)) + (64 << 10) * len(readers)
-        self.caps = {(-1, "status"): status_cap, **{(i, "result"): limits.result_bytes for i in range(len(readers))}}
+        status_cap = (n_collect * (limits.output_bytes * 4 // 3 + 1024)) + (64 << 10) * self.n
+        self.caps = {(-1, "status"): status_cap}
         self.exits: list[tuple[dict[str, Any], float]] = []  # each finished job's exit record and arrival time
         self.fail: str | None = None
-        self.cut: int | None = None  # the job the host stopped the sandbox for
-        self.timed_out = self.exceeded = False  # why: that job ran past its backstop / over a byte cap
+        self.cut: int | None = None  # the last job whose result counts, when the host ended the sandbox early
+        self.timed_out = self.exceeded = False  # why, if not a split: that job ran past its backstop / over a byte cap
+        self.complete = False
+        self._open = [2] * self.n  # per job, its pipes not yet at EOF
         self._parsed = 0
 
-    def run(self, launcher: _Launcher, on_exit: Callable[[], None]) -> None:
+    def run(self, launcher: _Launcher, on_exit: Callable[[], None], on_split: Callable[[int], None] | None) -> None:
         """`on_exit` runs once the launcher has exited, to kill strays still holding pipes open."""
         sel = selectors.DefaultSelector()
         for fd in self.keys:
@@ -494,26 +535,39 @@ class _Pump:
             sel.register(fd, selectors.EVENT_READ)
         if launcher.pidfd is not None:
             sel.register(launcher.pidfd, selectors.EVENT_READ)
-        exited = False
+        exited = gone = False  # exit handled / pidfd reported it
         drain_until = math.inf
         try:
             while any(key.fd in self.keys for key in sel.get_map().values()):
-                now = time.monotonic()
+                now, current = time.monotonic(), len(self.exits)
+                if self.cut is not None and current > self.cut and not any(self._open[: self.cut + 1]):
+                    break  # handed over, and the slow job is done
                 deadline = min(self._job_start() + self.limits.wall_s + _GRACE_S, drain_until)
                 if now >= deadline:
                     if not exited:
-                        self.timed_out, self.cut = True, len(self.exits)
+                        self.timed_out, self.cut = True, current
                     break
-                poll = deadline - now if launcher.pidfd is not None else min(deadline - now, 0.05)
-                for key, _ in sel.select(poll):
-                    if key.fd not in self.keys:  # the launcher's pidfd
+                wake = deadline
+                if on_split is not None and self.cut is None and current < self.n - 1:
+                    split_at = self._job_start() + SPLIT_S
+                    if now >= split_at:
+                        self.cut = current
+                        on_split(current + 1)
+                    else:
+                        wake = min(wake, split_at)
+                poll = wake - now if launcher.pidfd is not None else min(wake - now, 0.05)
+                for key, _ in sel.select(max(poll, 0.0)):
+                    if key.fd not in self.keys:  # the launcher's pidfd: it exited
                         sel.unregister(key.fd)
+                        gone = True
                         continue
                     chunk = os.read(key.fd, 1 << 16)
+                    name = self.keys[key.fd]
                     if not chunk:
                         sel.unregister(key.fd)
+                        if name[0] >= 0:
+                            self._open[name[0]] -= 1
                         continue
-                    name = self.keys[key.fd]
                     buf = self.bufs[name]
                     room = self.caps.get(name, self.limits.output_bytes) - len(buf)
                     buf += chunk[:room]
@@ -521,11 +575,14 @@ class _Pump:
                         self._parse_status()
                         if len(chunk) > room:
                             self.fail = "the supervisor's status channel went over its cap"
-                    elif len(chunk) > room:
+                    elif len(chunk) > room and (self.cut is None or name[0] <= self.cut):
                         self.exceeded, self.cut = True, name[0]
-                if self.exceeded or (self.fail is not None):
+                if self.exceeded or self.fail is not None:
                     break
-                if not exited and launcher.exited():
+                if len(self.exits) == self.n and not any(self._open):
+                    self.complete = True
+                    break
+                if not exited and (gone if launcher.pidfd is not None else launcher.exited()):
                     exited = True
                     on_exit()
                     drain_until = time.monotonic() + _DRAIN_S
@@ -550,18 +607,21 @@ class _Pump:
                 self.fail = str(rec.get("error"))
         self._parsed = end
 
-    def results(self, iso: _Isolation, workdirs: list[str], nonces: list[str], uid: int | None) -> list[SandboxResult]:
+    def results(
+        self, iso: _Isolation, workdirs: list[str], records: list[tuple[dict[str, dict[str, Any]], bool]], uid: int | None
+    ) -> list[SandboxResult]:
         """Results for the jobs this sandbox got through: every job with an exit record, plus the one
         the host stopped it in or the one it ended in (a sandbox that dies by itself is an error
-        unless that job had started)."""
+        unless that job had started). `records`: per job, its worker's records and whether they
+        went over their cap."""
         n = self.cut + 1 if self.cut is not None else min(len(self.exits) + 1, len(workdirs))
         out: list[SandboxResult] = []
         for i in range(n):
             stdout, stderr = bytes(self.bufs[(i, "stdout")]), bytes(self.bufs[(i, "stderr")])
-            records = _parse_records(bytes(self.bufs[(i, "result")]), nonces[i])
+            job_records, over = records[i]
             exit_rec, ended = self.exits[i] if i < len(self.exits) else ({}, time.monotonic())
-            stopped = i == self.cut
-            ready = "ready" in records
+            stopped = i == self.cut and i >= len(self.exits)  # killed while it ran
+            ready = "ready" in job_records
             if not ready and not stopped:
                 tail = stderr[-2000:].decode("utf-8", "replace")
                 raise SandboxError(f"sandbox harness did not start (isolation {iso.level!r}): {tail}")
@@ -572,10 +632,10 @@ class _Pump:
                     stdout=stdout,
                     stderr=stderr,
                     ready=ready,
-                    done=records.get("done"),
+                    done=job_records.get("done"),
                     exit=status or None,
                     timed_out=(stopped and self.timed_out) or bool(status.get("timeout")),
-                    output_exceeded=stopped and self.exceeded,
+                    output_exceeded=(i == self.cut and self.exceeded) or over,
                     files={name: binascii.a2b_base64(data) for name, data in files.items()},
                     isolation=iso.level,
                     wall_s=ended - (self.exits[i - 1][1] if i else self.start),
@@ -636,6 +696,14 @@ def _rmtree(path: str) -> None:
             pass
 
     shutil.rmtree(path, onerror=fix)
+
+
+def _read_records(fd: int, nonce: str, limits: SandboxLimits) -> tuple[dict[str, dict[str, Any]], bool]:
+    """A job's records from its result file, and whether they went over their cap: more than
+    `result_bytes`, or as much as RLIMIT_FSIZE let the worker write (the rest was refused)."""
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, min(size, limits.result_bytes), 0)
+    return _parse_records(raw, nonce), size > limits.result_bytes or size >= limits.file_size_bytes
 
 
 def _parse_records(raw: bytes, nonce: str) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ import socket
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -326,3 +327,141 @@ def test_no_namespace_fallback_still_contains_as_root() -> None:
     unprivileged, forked = res.stdout.split()
     assert unprivileged == b"True" and int(forked) < 16
     assert not _leftovers(marker) and not _left_by(res)
+
+
+# ---------------------------------------------------------------- sequences of jobs in one sandbox
+
+
+def test_later_jobs_find_nothing_running_and_cannot_touch_earlier_results() -> None:
+    """Each job starts with only the supervisor alive and a fresh working dir; an earlier job's
+    collected files are read before the next job runs, so it cannot rewrite them."""
+    first = (
+        "import os, time\n"
+        "open('r.txt', 'w').write('job0')\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    time.sleep(0.3)\n"
+        "    open('r.txt', 'w').write('late')\n"
+        "    time.sleep(60)\n"
+    )
+    second = (
+        "import os\n"
+        "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), os.getpid(), os.listdir('.'))\n"
+        "for d in os.listdir('..'):\n"
+        "    try: open(os.path.join('..', d, 'r.txt'), 'w').write('job1')\n"
+        "    except OSError: pass\n"
+        "import time; time.sleep(0.5)\n"
+    )
+    jobs = [{"kind": "script", "code": first}, {"kind": "script", "code": second}]
+    res0, res1 = sandbox.run_sequence(jobs, LIMITS, collect=[("r.txt",), ()])
+    assert res0.files == {"r.txt": b"job0"}
+    if NAMESPACES:
+        own = int(res1.stdout.split()[-2])
+        assert res1.stdout.decode().strip() == f"[1, {own}] {own} []", res1.stdout
+    assert not _left_by(res0)
+
+
+def test_no_job_holds_a_later_jobs_data_in_memory() -> None:
+    """The supervisor reads a job only when it starts: the first job's memory (scanned raw, freed
+    pages included) holds nothing of the second one, which finds its own marker the same way."""
+    head, tail = uuid.uuid4().hex, uuid.uuid4().hex
+    scan = (
+        "import ctypes\n"
+        f"head, tail = {head!r}.encode(), {tail!r}.encode()\n"
+        "found = False\n"
+        "for line in open('/proc/self/maps').read().splitlines():\n"
+        "    fields = line.split()\n"
+        "    lo, hi = (int(x, 16) for x in fields[0].split('-'))\n"
+        "    if fields[1][0] != 'r' or fields[-1] in ('[vvar]', '[vvar_vclock]', '[vsyscall]') or hi - lo > 1 << 28:\n"
+        "        continue\n"
+        "    chunk = ctypes.string_at(lo, hi - lo)\n"
+        "    at = chunk.find(head)\n"
+        "    while at >= 0 and not found:\n"
+        "        found = chunk[at + len(head) : at + len(head) + len(tail)] == tail\n"
+        "        at = chunk.find(head, at + 1)\n"
+        "print('found' if found else 'absent')\n"
+    )
+    jobs = [{"kind": "script", "code": scan}, {"kind": "script", "code": scan, "marker": head + tail}]
+    res0, res1 = sandbox.run_sequence(jobs, SandboxLimits(wall_s=5.0))
+    assert (res0.stdout, res1.stdout) == (b"absent\n", b"found\n")
+
+
+def test_a_slow_job_hands_the_jobs_behind_it_over() -> None:
+    handed: list[int] = []
+    jobs = [{"kind": "script", "code": "import time\ntime.sleep(0.6)\nprint('slow')"}, {"kind": "script", "code": "print(2)"}]
+    start = time.monotonic()
+    results = sandbox.run_sequence(jobs, LIMITS, on_split=handed.append)
+    assert handed == [1] and [r.stdout for r in results] == [b"slow\n"]
+    assert time.monotonic() - start < LIMITS.wall_s + 0.5
+    fast = sandbox.run_sequence(list(reversed(jobs)), LIMITS, on_split=handed.append)
+    assert handed == [1] and [r.stdout for r in fast] == [b"2\n", b"slow\n"]
+
+
+def test_a_job_over_its_output_cap_leaves_the_next_job_its_run() -> None:
+    jobs = [{"kind": "script", "code": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)"}, {"kind": "script", "code": "print('next')"}]
+    flood, nxt = sandbox.run_sequence(jobs, SandboxLimits(wall_s=5.0, output_bytes=1 << 16))
+    assert flood.output_exceeded and not nxt.output_exceeded and nxt.stdout == b"next\n"
+
+
+def test_code_that_does_not_compile_is_reported_like_a_worker_would() -> None:
+    jobs = [{"kind": "script", "code": "def f(:\n"}, {"kind": "exit_code", "code": "def f(:\n", "suffix": "assert True\n"}]
+    for res in sandbox.run_sequence(jobs, LIMITS):
+        assert res.ready and res.done is not None and res.done["label"] == "syntax" and res.exit_code == 1
+
+
+@pytest.mark.skipif(not FULL, reason=f"isolation is {isolation_level()!r}: no private tmpfs")
+def test_jobs_write_to_a_private_size_capped_tmpfs() -> None:
+    code = (
+        "import os\n"
+        "try:\n"
+        "    with open('big', 'wb') as fh:\n"
+        "        for _ in range(4): fh.write(b'x' * (1 << 19))\n"
+        "    print('wrote')\n"
+        "except OSError as exc:\n"
+        "    print('full', exc.errno)\n"
+    )
+    res = run_code(code, SandboxLimits(wall_s=2.0, disk_bytes=1 << 20))
+    assert res.stdout == b"full 28\n"  # ENOSPC
+    assert os.listdir(sandbox._workdir_base()) == []  # nothing of it on the host
+
+
+@pytest.mark.skipif(not NAMESPACES, reason="no network namespace on this machine")
+def test_network_namespaces_are_never_shared_by_running_sandboxes() -> None:
+    """Network namespaces are reused, never lent to two sandboxes at once: a unix socket in the
+    abstract namespace (which needs no file and no interface) reaches no other sandbox, running
+    alongside or later; and the loopback device stays down."""
+    name = f"antipasto-{uuid.uuid4().hex}"
+    listen = (
+        "import socket, time\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.bind('\\0{name}'); s.listen(1)\n"
+        "time.sleep(1.5)\n"
+    )
+    probe = (
+        "import socket\n"
+        "try:\n"
+        f"    socket.socket(socket.AF_UNIX).connect('\\0{name}'); print('connected')\n"
+        "except OSError:\n"
+        "    print('refused')\n"
+    )
+    with ThreadPoolExecutor(1) as pool:
+        listener = pool.submit(run_code, listen, SandboxLimits(wall_s=3.0))
+        time.sleep(0.5)
+        alongside = run_code(probe, LIMITS)
+        listener.result()
+    later = run_code(probe, LIMITS)
+    assert (alongside.stdout, later.stdout) == (b"refused\n", b"refused\n")
+    lo = run_code("import socket\ntry:\n    socket.create_connection(('127.0.0.1', 9), timeout=0.5)\nexcept OSError as exc:\n    print(exc.errno)", LIMITS)
+    assert lo.stdout.strip() in (b"101", b"99")  # ENETUNREACH / EADDRNOTAVAIL: no usable loopback
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not NAMESPACES, reason="needs root and namespaces")
+def test_a_sandbox_without_namespaces_gets_none_of_another_sandboxes() -> None:
+    """The fork server moves between namespaces to start isolated sandboxes; one started without
+    namespaces must land back in the host's, never in one lent to an earlier sandbox."""
+    assert run_code("pass", LIMITS).done is not None
+    iso = sandbox._Isolation("none", ns=False, mounts=False, userns=False, drop_uid=True)
+    code = "import os\nprint(*(os.readlink(f'/proc/self/ns/{k}') for k in ('pid', 'net', 'mnt')))"
+    res = sandbox._run(iso, {"kind": "script", "code": code}, LIMITS, ())
+    host = " ".join(os.readlink(f"/proc/self/ns/{k}") for k in ("pid", "net", "mnt"))
+    assert res.stdout.decode().strip() == host
