@@ -20,7 +20,7 @@ from antipasto_pl.env.grader import (
 from antipasto_pl.env.modes import HINTS, MODES
 from antipasto_pl.env.problem import Problem, TestCase
 from antipasto_pl.env.sandbox import SandboxLimits, isolation_level
-from .test_sandbox import _leftovers, _snapshot, canary  # noqa: F401  (canary is a fixture)
+from .isolation import leftovers as _leftovers, snapshot as _snapshot
 
 LIMITS = SandboxLimits(wall_s=1.0)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,33 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from antipasto_pl.env import sandbox
+
+from .isolation import leftovers as _leftovers, snapshot as _snapshot
 from antipasto_pl.env.sandbox import SandboxLimits, isolation_level, run_code
 
 LIMITS = SandboxLimits(wall_s=1.0)
 FULL = isolation_level() == "full"
 NAMESPACES = isolation_level() in ("full", "namespaces")
-
-
-def _cmdlines() -> dict[int, str]:
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as fh:
-                    out[int(name)] = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
-            except OSError:
-                continue
-    return out
-
-
-def _leftovers(*tokens: str, settle_s: float = 1.0) -> list[str]:
-    """Processes whose command line carries any token, after giving SIGKILLed ones time to vanish."""
-    deadline = time.monotonic() + settle_s
-    while True:
-        found = [f"{pid}: {cmd}" for pid, cmd in _cmdlines().items() if any(t in cmd for t in tokens)]
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
 
 
 def _left_by(res, settle_s: float = 1.0) -> list[int]:
@@ -52,28 +30,6 @@ def _left_by(res, settle_s: float = 1.0) -> list[int]:
             return found
         time.sleep(0.05)
     return []
-
-
-@pytest.fixture
-def canary():
-    """A world-writable dir with a world-writable file outside any sandbox: only isolation protects it."""
-    root = tempfile.mkdtemp(prefix="antipasto-canary-")
-    os.chmod(root, 0o777)
-    path = os.path.join(root, "canary.txt")
-    with open(path, "w") as fh:
-        fh.write("original")
-    os.chmod(path, 0o666)
-    yield root, path
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def _snapshot(root: str) -> dict[str, tuple[int, bytes]]:
-    snap = {}
-    for name in sorted(os.listdir(root)):
-        p = os.path.join(root, name)
-        with open(p, "rb") as fh:
-            snap[name] = (os.stat(p).st_mode, fh.read())
-    return snap
 
 
 def test_normal_run_reports_done_and_stdout() -> None:
