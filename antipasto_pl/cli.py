@@ -57,7 +57,6 @@ class AntipastoCLI(LightningCLI):
         from antipasto_pl.data import AntipastoDataModule
         from antipasto_pl.module import AntipastoModule
 
-        extra = ", ".join(EXTRA_COMMANDS) or "none yet"
         super().__init__(
             AntipastoModule,
             AntipastoDataModule,
@@ -65,9 +64,8 @@ class AntipastoCLI(LightningCLI):
             run=run,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION.format(extra=extra)},
+            parser_kwargs={"description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS))},
         )
-
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
