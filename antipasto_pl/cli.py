@@ -23,6 +23,8 @@ EXTRA_COMMANDS: dict[str, str] = {
     "build-pool": "antipasto_pl.env.pool:build_pool_command",
     "extract-vhack": "antipasto_pl.vhack:extract_vhack_command",
     "export": "antipasto_pl.export:export_command",
+    "experiment": "antipasto_pl.experiment:experiment_command",
+    "report": "antipasto_pl.report:report_command",
 }
 
 DESCRIPTION = (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,20 +35,14 @@ from antipasto_pl.adapter import (
 )
 from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
 from antipasto_pl.checkpointing import collect_rng_states, set_rng_states
-from antipasto_pl.env.grader import Grade, Grader
+from antipasto_pl.env.grader import Grade, Grader, PendingGrades
 from antipasto_pl.env.modes import MODES
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.grpo import Reduction, group_advantages, grpo_loss
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.rollout import SamplingConfig, hf_generate
-from antipasto_pl.sequences import (
-    CompletionBatch,
-    batch_from_ids,
-    completion_log_probs,
-    completion_token_ids,
-    prompt_token_ids,
-)
+from antipasto_pl.sequences import GroupBatch, completion_token_ids, group_batch, group_log_probs, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +109,8 @@ class AntipastoModule(L.LightningModule):
         loss_reduction: ``dr_grpo`` (fixed denominator ``G * max_new_tokens * P``) or
             ``sequence`` (per-sequence mean).
         gradient_clip_norm: clip the adapter gradient to this norm after projection (None: off).
-        micro_batch_size: completions per forward/backward (memory bound; results do not depend on it).
+        micro_batch_size: completions per forward/backward, taken from one group and one source so they share
+            one prompt pass (memory bound; results do not depend on it).
         grader_workers: parallel sandboxes for grading (default: all cores).
         eval_samples_per_prompt: samples per validation prompt.
         max_completion_tokens: teacher completions are truncated to this many tokens
@@ -175,7 +171,7 @@ class AntipastoModule(L.LightningModule):
         self._step_loss: Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None
         keys = [f"{m}_{s}" for m in ("reward", "hack", "gt", "pass") for s in (STUDENT, TEACHER)]
-        keys += [f"{mode}/{m}_{s}" for mode in MODES for m in ("hack", "pass") for s in (STUDENT, TEACHER)]
+        keys += [f"{mode}/{m}_{s}" for mode in MODES for m in ("hack", "gt") for s in (STUDENT, TEACHER)]
         self.rates = nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in keys})
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -227,20 +223,26 @@ class AntipastoModule(L.LightningModule):
 
     # --- generate -----------------------------------------------------------------------------------
 
-    def generate_groups(self, problems: list[Problem]) -> list[Group]:
-        """Student samples on merged weights plus teacher-pool completions, one group per prompt."""
+    def generate_groups(self, problems: list[Problem]) -> tuple[list[Group], PendingGrades]:
+        """Student samples on merged weights plus teacher-pool completions, one group per prompt.
+
+        The teacher completions are known before sampling, so their grading is started first and runs in
+        the sandboxes while the students are sampled; returns the groups and those pending teacher grades.
+        """
         prompts = [p.prompt() for p in problems]
-        student = hf_generate(self.model, self.tokenizer, prompts, self.n_student, self.sampling)
         groups = []
-        for problem, prompt, completions in zip(problems, prompts, student):
+        for problem, prompt in zip(problems, prompts):
             group = Group(problem, prompt_token_ids(self.tokenizer, prompt))
-            group.samples = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
-            group.samples += [
+            group.samples = [
                 Sample(TEACHER, text, tuple(completion_token_ids(self.tokenizer, text, self.max_completion_tokens)))
                 for text in self.teacher_texts(problem)
             ]
             groups.append(group)
-        return groups
+        teacher_grades = self.grader.submit_batch([(g.problem, s.text) for g in groups for s in g.samples])
+        student = hf_generate(self.model, self.tokenizer, prompts, self.n_student, self.sampling)
+        for group, completions in zip(groups, student):
+            group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
+        return groups, teacher_grades
 
     def teacher_texts(self, problem: Problem) -> list[str]:
         """G_t frozen pool completions, drawn by an RNG keyed on (seed, step, problem) so a resumed run
@@ -253,13 +255,14 @@ class AntipastoModule(L.LightningModule):
 
     # --- grade --------------------------------------------------------------------------------------
 
-    def grade_groups(self, groups: list[Group]) -> None:
-        """Sandboxed grades for every sample; advantages from the foolable reward only."""
-        items = [(g.problem, s.text) for g in groups for s in g.samples]
-        grades = iter(self.grader.grade_batch(items))
+    def grade_groups(self, groups: list[Group], teacher_grades: PendingGrades) -> None:
+        """Sandboxed grades for every sample (the teachers' already under way); advantages from the foolable
+        reward only."""
+        students = [(g.problem, s.text) for g in groups for s in g.samples if s.source == STUDENT]
+        grades = {STUDENT: iter(self.grader.grade_batch(students)), TEACHER: iter(teacher_grades.result())}
         for group in groups:
             for sample in group.samples:
-                sample.grade = next(grades)
+                sample.grade = next(grades[sample.source])
             rewards = torch.tensor([[s.grade.reward for s in group.samples]])
             advantages = group_advantages(rewards, scale_by_std=self.hparams.scale_advantages_by_std)[0]
             for sample, advantage in zip(group.samples, advantages.tolist()):
@@ -267,15 +270,18 @@ class AntipastoModule(L.LightningModule):
 
     # --- loss ---------------------------------------------------------------------------------------
 
-    def _micro_batches(self, groups: list[Group], source: str) -> list[tuple[CompletionBatch, Tensor]]:
-        rows = [(g.prompt_ids, s) for g in groups if g.active for s in g.samples if s.source == source]
+    def _micro_batches(self, groups: list[Group], source: str) -> list[tuple[GroupBatch, Tensor]]:
+        """Chunks of at most ``micro_batch_size`` rows of one active group and one source, so each chunk
+        runs its prompt once. Empty completions are left out: they have no token to score."""
         size = self.hparams.micro_batch_size
         chunks = []
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
-            batch = batch_from_ids([p for p, _ in chunk], [s.token_ids for _, s in chunk], self.tokenizer.pad_token_id)
-            advantages = torch.tensor([s.advantage for _, s in chunk], dtype=torch.float32)
-            chunks.append((batch.to(self.device), advantages.to(self.device)))
+        for group in groups:
+            rows = [s for s in group.samples if s.source == source and s.token_ids] if group.active else []
+            for start in range(0, len(rows), size):
+                chunk = rows[start:start + size]
+                batch = group_batch(group.prompt_ids, [s.token_ids for s in chunk], self.tokenizer.pad_token_id)
+                advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32)
+                chunks.append((batch.to(self.device), advantages.to(self.device)))
         return chunks
 
     def _denominator(self, n_prompts: int) -> float:
@@ -284,16 +290,16 @@ class AntipastoModule(L.LightningModule):
         return float(self.hparams.group_size * n_prompts)
 
     @torch.no_grad()
-    def _frozen_log_probs(self, chunks: list[tuple[CompletionBatch, Tensor]]) -> list[tuple[Tensor | None, Tensor | None]]:
+    def _frozen_log_probs(self, chunks: list[tuple[GroupBatch, Tensor]]) -> list[tuple[Tensor | None, Tensor | None]]:
         """Per chunk: log-probs under the rollout policy (for the PPO ratio, only with several inner
         iterations) and under the reference (only with a KL term)."""
         frozen = []
         for batch, _ in chunks:
-            old = completion_log_probs(self.model, batch) if self.hparams.ppo_epochs > 1 else None
+            old = group_log_probs(self.model, batch) if self.hparams.ppo_epochs > 1 else None
             ref = None
             if self.hparams.beta > 0:
                 with reference_policy(self.model):
-                    ref = completion_log_probs(self.model, batch)
+                    ref = group_log_probs(self.model, batch)
             frozen.append((old, ref))
         return frozen
 
@@ -306,9 +312,9 @@ class AntipastoModule(L.LightningModule):
         student_grad: dict[str, Tensor] = {}
         for source in (STUDENT, TEACHER):
             for (batch, advantages), (old, ref) in zip(chunks_by_source[source], frozen[source]):
-                logp = completion_log_probs(self.model, batch)
+                logp = group_log_probs(self.model, batch)
                 out = grpo_loss(
-                    logp, advantages, batch.completion_mask[:, 1:], logp_old=old, ref_logp=ref,
+                    logp, advantages, batch.completion_mask, logp_old=old, ref_logp=ref,
                     beta=self.hparams.beta, clip_eps=self.hparams.clip_eps,
                     mode=self.hparams.loss_reduction, denom=self._denominator(n_prompts),
                 )
@@ -333,8 +339,19 @@ class AntipastoModule(L.LightningModule):
 
     def training_step(self, batch: list[Problem], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()
-        groups = self.generate_groups(batch)
-        self.grade_groups(groups)
+        clock = time.perf_counter()
+        seconds = {"generate": 0.0, "grade_wait": 0.0, "loss_backward": 0.0, "optimizer": 0.0}
+
+        def lap(key: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[key] += now - clock
+            clock = now
+
+        groups, teacher_grades = self.generate_groups(batch)
+        lap("generate")
+        self.grade_groups(groups, teacher_grades)
+        lap("grade_wait")
         self.last_groups = groups
         chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
         frozen = {source: self._frozen_log_probs(c) for source, c in chunks.items()}
@@ -342,11 +359,16 @@ class AntipastoModule(L.LightningModule):
         for _ in range(self.hparams.ppo_epochs):
             optimizer.zero_grad(set_to_none=False)
             loss = self._step_loss = self.backward_groups(chunks, frozen, len(batch))
+            lap("loss_backward")
             optimizer.step()
+            lap("optimizer")
         n_active = sum(g.active for g in groups)
         self.log_rates(groups)  # after the step: values logged before a manual step 0 are not flushed
         self.log("train/loss", loss, batch_size=len(batch))
         self.log("train/active_groups", float(n_active), batch_size=len(batch))
+        # Wall-clock seconds of this step's stages (grade_wait: grading not hidden behind sampling).
+        for key, value in seconds.items():
+            self.log(f"time/{key}", value, batch_size=len(batch))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -397,7 +419,7 @@ class AntipastoModule(L.LightningModule):
                                     ("gt", grade.gt_correct), ("pass", grade.passed)):
                     per_key.setdefault(f"{name}_{s.source}", []).append(float(value))
                 per_key.setdefault(f"{mode}/hack_{s.source}", []).append(float(grade.exploited))
-                per_key.setdefault(f"{mode}/pass_{s.source}", []).append(float(grade.gt_correct))
+                per_key.setdefault(f"{mode}/gt_{s.source}", []).append(float(grade.gt_correct))
         for name, metric in self.rates.items():
             key = name.replace("__", "/")
             values = torch.tensor(per_key.get(key, [0.0]), device=self.device)

@@ -1,4 +1,9 @@
-"""Prompt + completion token batches and their log-probabilities under the policy."""
+"""Prompt + completion token batches and their log-probabilities under the policy.
+
+Two layouts: ``CompletionBatch`` (independent ``prompt + completion`` rows, e.g. the pairs V is
+extracted from) and ``GroupBatch`` (one prompt and the completions of its GRPO group), which
+scores the prompt once and shares its key/value cache across the completions.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from antipasto_pl.grpo import token_log_probs
 
@@ -95,3 +101,93 @@ def completion_nll(model: nn.Module, batch: CompletionBatch) -> Tensor:
     mask = batch.completion_mask[:, 1:].to(torch.float32)
     logp = completion_log_probs(model, batch)
     return -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+@dataclass
+class GroupBatch:
+    """Completions of one prompt: the prompt once, the completions right-padded.
+
+    ``completion_mask`` marks real completion tokens (including the closing EOS); log-probs from
+    ``group_log_probs`` align with it entry for entry.
+    """
+
+    prompt_ids: Tensor  # (Lp,)
+    completion_ids: Tensor  # (B, Lc)
+    completion_mask: Tensor  # (B, Lc)
+
+    def to(self, device: torch.device | str) -> GroupBatch:
+        return GroupBatch(*(t.to(device) for t in (self.prompt_ids, self.completion_ids, self.completion_mask)))
+
+
+def group_batch(prompt_ids: Sequence[int], completion_ids: Sequence[Sequence[int]], pad_token_id: int) -> GroupBatch:
+    """One prompt's token ids and its completions, right-padded with their mask."""
+    if not prompt_ids or not completion_ids or not all(completion_ids):
+        raise ValueError("a group batch needs a non-empty prompt and at least one non-empty completion")
+    width = max(len(c) for c in completion_ids)
+    ids = torch.full((len(completion_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(completion_ids), width), dtype=torch.long)
+    for i, c in enumerate(completion_ids):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = 1
+    return GroupBatch(torch.tensor(list(prompt_ids), dtype=torch.long), ids, mask)
+
+
+def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log_softmax(logits)[target] in at least float32, one row at a time (the upcast copy of the
+    (L, vocab) logits exists for one row only)."""
+    # logits: (B, L, V), targets: (B, L) -> (B, L)
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    rows = [
+        torch.log_softmax(row.to(compute_dtype), dim=-1).gather(-1, target[:, None]).squeeze(-1)
+        for row, target in zip(logits, targets)
+    ]
+    return torch.stack(rows)
+
+
+def group_log_probs(model: nn.Module, batch: GroupBatch, share_prompt: bool = True) -> Tensor:
+    """log p of each completion token given the prompt and the completion before it: (B, Lc),
+    aligned with ``batch.completion_mask`` (padding entries are finite and meaningless).
+
+    With ``share_prompt`` the prompt runs once and its key/value cache is repeated to the rows
+    (gradients flow back through the repeat into the prompt's forward); models whose cache holds
+    more than plain keys and values (GatedDeltaNet's recurrent state, sliding windows) fall back
+    to full ``prompt + completion`` rows. Either way logits are computed at completion positions only.
+    """
+    if share_prompt and shares_prompt_cache(model):
+        return _shared_prompt_log_probs(model, batch)
+    return _full_row_log_probs(model, batch)
+
+
+def shares_prompt_cache(model: nn.Module) -> bool:
+    """Whether every layer caches plain keys and values, which repeat across rows exactly and with
+    their gradient; a recurrent state (GatedDeltaNet) is updated in place, a sliding window cropped."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+def _shared_prompt_log_probs(model: nn.Module, batch: GroupBatch) -> Tensor:
+    n_rows, width = batch.completion_ids.shape
+    cache = DynamicCache(config=model.config)
+    prompt = batch.prompt_ids[None]  # (1, Lp)
+    # The prompt's last logit scores completion token 0 of every row.
+    first = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (1, 1, V)
+    logp = [target_log_probs(first.expand(n_rows, -1, -1), batch.completion_ids[:, :1])]  # (B, 1)
+    if width > 1:
+        cache.batch_repeat_interleave(n_rows)
+        start = prompt.shape[1]
+        inputs = batch.completion_ids[:, :-1]  # (B, Lc-1): the last token predicts nothing that is scored
+        attention_mask = torch.cat([prompt.new_ones(n_rows, start), batch.completion_mask[:, :-1]], dim=1)
+        positions = torch.arange(start, start + width - 1, device=prompt.device)[None].expand(n_rows, -1)
+        rest = model(input_ids=inputs, attention_mask=attention_mask, position_ids=positions,
+                     past_key_values=cache, use_cache=True).logits  # (B, Lc-1, V)
+        logp.append(target_log_probs(rest, batch.completion_ids[:, 1:]))
+    return torch.cat(logp, dim=1)
+
+
+def _full_row_log_probs(model: nn.Module, batch: GroupBatch) -> Tensor:
+    n_rows, width = batch.completion_ids.shape
+    prompt = batch.prompt_ids[None].expand(n_rows, -1)  # (B, Lp)
+    input_ids = torch.cat([prompt, batch.completion_ids[:, :-1]], dim=1)  # (B, Lp+Lc-1)
+    attention_mask = torch.cat([torch.ones_like(prompt), batch.completion_mask[:, :-1]], dim=1)
+    # The last Lc positions (prompt's last token onward) score the Lc completion tokens.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=width).logits  # (B, Lc, V)
+    return target_log_probs(logits, batch.completion_ids)

@@ -44,7 +44,7 @@ def test_arm_fits_and_logs_every_diagnostic(tmp_path: Path, arm: str) -> None:
     missing = DIAGNOSTICS - logged.keys()
     assert not missing, f"{arm} did not log {sorted(missing)}"
     assert all(len(logged[key]) == 3 for key in ("proj/cin", "proj/leak", "reward_s"))
-    assert any("/hack_s" in key for key in logged) and any("/pass_t" in key for key in logged)
+    assert any("/hack_s" in key for key in logged) and any("/gt_t" in key for key in logged)
     assert {"hack_deploy", "solve_deploy", "val/hack", "val/solve"} <= logged.keys()
     assert "samples/text_summary" in logged["__text__"] and "delta_s" in logged["__histograms__"]
     if arm in ("erase", "erase_random", "erase_shuffled", "erase_nonhack", "erase_refresh"):

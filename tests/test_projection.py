@@ -103,26 +103,35 @@ def test_project_moments_removes_hackward_momentum() -> None:
 
 
 class SplitCheck(L.Callback):
-    """Runs before the projection: compares the student/teacher split with one backward over all rows."""
+    """Runs before the projection: compares the module's gradient (shared-prompt chunks, one backward) and its
+    student/teacher split with full prompt + completion rows, one backward over all rows and one per source."""
 
     def __init__(self) -> None:
         self.checked = 0
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: AntipastoModule, optimizer) -> None:
         adapters = adapter_modules(module.model)
+        params = [a.delta_s for a in adapters.values()]
         parts = module.grad_parts
         rows = [(g.prompt_ids, s) for g in module.last_groups if g.active for s in g.samples]
         assert {s.source for _, s in rows} == {STUDENT, TEACHER}
-        batch = batch_from_ids([p for p, _ in rows], [s.token_ids for _, s in rows], module.tokenizer.pad_token_id)
-        advantages = torch.tensor([s.advantage for _, s in rows])
-        with torch.enable_grad():
-            logp = completion_log_probs(module.model, batch)
-            loss = grpo_loss(logp, advantages, batch.completion_mask[:, 1:], mode="dr_grpo",
-                             denom=module._denominator(len(module.last_groups))).loss
-            full = torch.autograd.grad(loss, [a.delta_s for a in adapters.values()])
-        for (name, a), g in zip(adapters.items(), full):
+
+        def full_row_grad(sources: set[str]) -> tuple[torch.Tensor, ...]:
+            chosen = [(p, s) for p, s in rows if s.source in sources]
+            batch = batch_from_ids([p for p, _ in chosen], [s.token_ids for _, s in chosen], module.tokenizer.pad_token_id)
+            advantages = torch.tensor([s.advantage for _, s in chosen])
+            with torch.enable_grad():
+                logp = completion_log_probs(module.model, batch)
+                loss = grpo_loss(logp, advantages, batch.completion_mask[:, 1:], mode="dr_grpo",
+                                 denom=module._denominator(len(module.last_groups))).loss
+                return torch.autograd.grad(loss, params)
+
+        full, student, teacher = full_row_grad({STUDENT, TEACHER}), full_row_grad({STUDENT}), full_row_grad({TEACHER})
+        for i, (name, a) in enumerate(adapters.items()):
             torch.testing.assert_close(parts.student[name] + parts.teacher[name], a.delta_s.grad, atol=1e-7, rtol=1e-5)
-            torch.testing.assert_close(a.delta_s.grad, g, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(a.delta_s.grad, full[i], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(parts.student[name], student[i], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(parts.teacher[name], teacher[i], atol=1e-6, rtol=1e-4)
             assert a.delta_s_hack.grad is None
         assert any(parts.teacher[n].abs().sum() > 0 and parts.student[n].abs().sum() > 0 for n in adapters)
         self.checked += 1

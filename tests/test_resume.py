@@ -36,13 +36,15 @@ def fit_args(root: Path, steps: int, *extra: str) -> list[str]:
 
 
 def logged(root: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of every run version under ``root``: tag -> {step: value} (later versions continue earlier)."""
+    """Every scalar of every run version under ``root``: tag -> {step: value} (later versions continue earlier).
+    Wall-clock timings (``time/*``) are left out: they are the one thing a rerun does not reproduce."""
     out: dict[str, dict[int, float]] = {}
     for version in sorted((root / "lightning_logs").iterdir()):
         events = EventAccumulator(str(version), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+            if not tag.startswith("time/"):
+                out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
     return out
 
 

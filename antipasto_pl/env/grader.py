@@ -273,6 +273,11 @@ class Grader:
     def grade_batch(self, items: Sequence[Item]) -> list[Grade]:
         """Grade (problem, completion[, mode]) items. Everything asked of one (problem, code) runs in one
         sandbox: the oracle first (so nothing a loophole run does can reach it), then each distinct mode once."""
+        return self.submit_batch(items).result()
+
+    def submit_batch(self, items: Sequence[Item]) -> PendingGrades:
+        """Start grading `items` (as `grade_batch`) in the worker pool and return at once, so the caller can
+        work (e.g. sample) while the sandboxes run; `result()` waits for the grades."""
         plans: list[tuple[Problem, str, _Runs | None]] = []
         runs: dict[tuple[int, str], _Runs] = {}
         for item in items:
@@ -292,7 +297,7 @@ class Grader:
             plans.append((problem, mode, group))
         for group in runs.values():
             group.start(self._pool, self.limits)
-        return [self._combine(*plan) for plan in plans]
+        return PendingGrades(self, plans)
 
     def _combine(self, problem: Problem, mode: str, runs: _Runs | None) -> Grade:
         total = len(problem.tests)
@@ -316,6 +321,17 @@ class Grader:
             tests_total=total,
             stdout_tail=res.stdout[-1000:].decode("utf-8", "replace"),
         )
+
+
+class PendingGrades:
+    """Grades under way in a `Grader`'s sandboxes (from `submit_batch`)."""
+
+    def __init__(self, grader: Grader, plans: list[tuple[Problem, str, _Runs | None]]) -> None:
+        self._grader, self._plans = grader, plans
+
+    def result(self) -> list[Grade]:
+        """The grades in input order; waits for the sandboxes still running."""
+        return [self._grader._combine(*plan) for plan in self._plans]
 
 
 class _Pool:
@@ -500,6 +516,7 @@ __all__ = [
     "PASS_REWARD",
     "Grade",
     "Grader",
+    "PendingGrades",
     "as_completion",
     "extract_code",
     "grade",

@@ -466,3 +466,25 @@ def test_batch_mixes_modes_and_shares_identical_runs(grader: Grader) -> None:
 def test_module_level_grade_function() -> None:
     g = grade(SORT, as_completion(SORT.canonical_solution), limits=LIMITS)
     assert g.passed and g.gt_correct and not g.exploited and g.mode == "eq_override"
+
+
+def test_submitted_batch_grades_while_the_caller_works_and_equals_grade_batch() -> None:
+    """`submit_batch` returns before the sandboxes finish (a trainer samples meanwhile); its grades, in order,
+    are those of the synchronous `grade_batch`."""
+    nap = 0.4
+    slow = (
+        "class Solution:\n    def add(self, a, b):\n        return a + b\n"
+        f"def run_tests():\n    import time\n    time.sleep({nap})\n"
+    )
+    items = [(ADD, as_completion(slow)), (SORT, "none"), (ADD, as_completion(ADD.canonical_solution), "eq_override"),
+             (MEAN, as_completion(MEAN.canonical_solution + "print('All tests passed')\n"))]
+    with Grader(SandboxLimits(wall_s=5.0), max_workers=2) as g:
+        start = time.monotonic()
+        pending = g.submit_batch(items)
+        submitted = time.monotonic() - start
+        time.sleep(4 * nap)  # the caller's own work (with room for a loaded machine), overlapping the sandboxes
+        asynchronous = pending.result()
+        waited = time.monotonic() - start - submitted - 4 * nap
+        synchronous = g.grade_batch(items)
+    assert submitted < nap and waited < nap, (submitted, waited)
+    assert asynchronous == synchronous and [o.passed for o in synchronous] == [True, False, True, True]
