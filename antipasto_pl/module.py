@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -42,7 +42,16 @@ from antipasto_pl.grpo import Reduction, group_advantages, grpo_loss
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.rollout import SamplingConfig, hf_generate
-from antipasto_pl.sequences import GroupBatch, completion_token_ids, group_batch, group_log_probs, prompt_token_ids
+from antipasto_pl.sequences import (
+    GroupBatch,
+    PromptState,
+    completion_token_ids,
+    group_batch,
+    group_log_probs,
+    prompt_pass,
+    prompt_token_ids,
+    shares_prompt_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +80,14 @@ class Group:
     @property
     def active(self) -> bool:
         return any(s.advantage != 0.0 for s in self.samples)
+
+
+class Chunk(NamedTuple):
+    """A micro-batch: rows of one source from the group at index ``group`` of the step's groups."""
+
+    batch: GroupBatch
+    advantages: Tensor  # (B,)
+    group: int
 
 
 @dataclass
@@ -109,8 +126,8 @@ class AntipastoModule(L.LightningModule):
         loss_reduction: ``dr_grpo`` (fixed denominator ``G * max_new_tokens * P``) or
             ``sequence`` (per-sequence mean).
         gradient_clip_norm: clip the adapter gradient to this norm after projection (None: off).
-        micro_batch_size: completions per forward/backward, taken from one group and one source so they share
-            one prompt pass (memory bound; results do not depend on it).
+        micro_batch_size: completions per forward/backward, taken from one group and one source; all chunks of
+            a group share one prompt forward per pass (memory bound; results do not depend on it).
         grader_workers: parallel sandboxes for grading (default: all cores).
         eval_samples_per_prompt: samples per validation prompt.
         max_completion_tokens: teacher completions are truncated to this many tokens
@@ -270,18 +287,18 @@ class AntipastoModule(L.LightningModule):
 
     # --- loss ---------------------------------------------------------------------------------------
 
-    def _micro_batches(self, groups: list[Group], source: str) -> list[tuple[GroupBatch, Tensor]]:
-        """Chunks of at most ``micro_batch_size`` rows of one active group and one source, so each chunk
-        runs its prompt once. Empty completions are left out: they have no token to score."""
+    def _micro_batches(self, groups: list[Group], source: str) -> list[Chunk]:
+        """Chunks of at most ``micro_batch_size`` rows of one active group and one source. Empty completions
+        are left out: they have no token to score."""
         size = self.hparams.micro_batch_size
         chunks = []
-        for group in groups:
+        for index, group in enumerate(groups):
             rows = [s for s in group.samples if s.source == source and s.token_ids] if group.active else []
             for start in range(0, len(rows), size):
                 chunk = rows[start:start + size]
                 batch = group_batch(group.prompt_ids, [s.token_ids for s in chunk], self.tokenizer.pad_token_id)
                 advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32)
-                chunks.append((batch.to(self.device), advantages.to(self.device)))
+                chunks.append(Chunk(batch.to(self.device), advantages.to(self.device), index))
         return chunks
 
     def _denominator(self, n_prompts: int) -> float:
@@ -289,39 +306,77 @@ class AntipastoModule(L.LightningModule):
             return float(self.hparams.group_size * self.max_completion_tokens * n_prompts)
         return float(self.hparams.group_size * n_prompts)
 
+    def _prompt_pass(self, batch: GroupBatch) -> PromptState | None:
+        """The group's prompt forward for its chunks to share (None: the model scores full rows instead)."""
+        return prompt_pass(self.model, batch.prompt_ids) if shares_prompt_cache(self.model) else None
+
     @torch.no_grad()
-    def _frozen_log_probs(self, chunks: list[tuple[GroupBatch, Tensor]]) -> list[tuple[Tensor | None, Tensor | None]]:
+    def _frozen_log_probs(self, chunks: list[Chunk]) -> list[tuple[Tensor | None, Tensor | None]]:
         """Per chunk: log-probs under the rollout policy (for the PPO ratio, only with several inner
-        iterations) and under the reference (only with a KL term)."""
-        frozen = []
-        for batch, _ in chunks:
-            old = group_log_probs(self.model, batch) if self.hparams.ppo_epochs > 1 else None
-            ref = None
-            if self.hparams.beta > 0:
+        iterations) and under the reference (only with a KL term). Each policy runs each group's prompt once
+        for all of that group's chunks (pass the chunks of both sources together)."""
+        want_old, want_ref = self.hparams.ppo_epochs > 1, self.hparams.beta > 0
+        frozen: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * len(chunks)
+        if not (want_old or want_ref):
+            return frozen
+        by_group: dict[int, list[int]] = {}
+        for i, chunk in enumerate(chunks):
+            by_group.setdefault(chunk.group, []).append(i)
+        for members in by_group.values():
+            old: list[Tensor | None] = [None] * len(members)
+            ref: list[Tensor | None] = [None] * len(members)
+            if want_old:
+                state = self._prompt_pass(chunks[members[0]].batch)
+                old = [group_log_probs(self.model, chunks[i].batch, prompt_state=state) for i in members]
+            if want_ref:
                 with reference_policy(self.model):
-                    ref = group_log_probs(self.model, batch)
-            frozen.append((old, ref))
+                    state = self._prompt_pass(chunks[members[0]].batch)
+                    ref = [group_log_probs(self.model, chunks[i].batch, prompt_state=state) for i in members]
+            for i, o, r in zip(members, old, ref):
+                frozen[i] = (o, r)
         return frozen
 
-    def backward_groups(self, chunks_by_source: dict[str, list], frozen: dict[str, list], n_prompts: int) -> Tensor:
+    def backward_groups(self, chunks_by_source: dict[str, list[Chunk]], frozen: dict[str, list], n_prompts: int) -> Tensor:
         """Loss and backward, students first, so the student gradient can be read off before the teacher's
-        adds to it (``GradParts``) without a second backward. Returns the detached total loss."""
+        adds to it (``GradParts``) without a second backward. Returns the detached total loss.
+
+        Each group's prompt runs forward once per call: its ``PromptState`` (keys/values and first logit, with
+        their graph) serves the group's chunks of both sources, and every backward through it but the group's
+        last keeps the graph (``retain_graph``). So a group's prompt activations stay alive from its first
+        student chunk until its last teacher chunk, i.e. until the teacher pass reaches it: at most one prompt
+        forward's activations per active group of the step, held while the students of the later groups are
+        scored (prompt-only activations: no completion rows, no logits beyond the last position).
+        """
         adapters = adapter_modules(self.model)
         total = torch.zeros((), device=self.device)
         stats: dict[str, list[Tensor]] = {}
         student_grad: dict[str, Tensor] = {}
+        order = [chunk for source in (STUDENT, TEACHER) for chunk in chunks_by_source[source]]
+        last_use = {chunk.group: position for position, chunk in enumerate(order)}
+        states: dict[int, PromptState | None] = {}
+        position = 0
         for source in (STUDENT, TEACHER):
-            for (batch, advantages), (old, ref) in zip(chunks_by_source[source], frozen[source]):
-                logp = group_log_probs(self.model, batch)
+            for (batch, advantages, group), (old, ref) in zip(chunks_by_source[source], frozen[source]):
+                if group not in states:
+                    states[group] = self._prompt_pass(batch)
+                state = states[group]
+                logp = group_log_probs(self.model, batch, prompt_state=state)
                 out = grpo_loss(
                     logp, advantages, batch.completion_mask, logp_old=old, ref_logp=ref,
                     beta=self.hparams.beta, clip_eps=self.hparams.clip_eps,
                     mode=self.hparams.loss_reduction, denom=self._denominator(n_prompts),
                 )
-                self.manual_backward(out.loss)
+                last = last_use[group] == position
+                self.manual_backward(out.loss, retain_graph=state is not None and not last)
+                if last:
+                    del states[group]  # its prompt graph goes with the last reference to it
                 total += out.loss.detach()
                 for k, v in out.stats.items():
                     stats.setdefault(k, []).append(v)
+                # A retained graph keeps this chunk's activations until its last reference goes: drop them now,
+                # not after the next chunk's forward.
+                del logp, out, state
+                position += 1
             if source == STUDENT:
                 student_grad = {n: _grad(a.delta_s) for n, a in adapters.items()}
         self.grad_parts = GradParts(
@@ -354,7 +409,10 @@ class AntipastoModule(L.LightningModule):
         lap("grade_wait")
         self.last_groups = groups
         chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
-        frozen = {source: self._frozen_log_probs(c) for source, c in chunks.items()}
+        # Both sources at once, so the frozen policies run each group's prompt once.
+        flat = self._frozen_log_probs(chunks[STUDENT] + chunks[TEACHER])
+        n_student = len(chunks[STUDENT])
+        frozen = {STUDENT: flat[:n_student], TEACHER: flat[n_student:]}
         loss = torch.zeros((), device=self.device)
         for _ in range(self.hparams.ppo_epochs):
             optimizer.zero_grad(set_to_none=False)

@@ -2,7 +2,9 @@
 
 Two layouts: ``CompletionBatch`` (independent ``prompt + completion`` rows, e.g. the pairs V is
 extracted from) and ``GroupBatch`` (one prompt and the completions of its GRPO group), which
-scores the prompt once and shares its key/value cache across the completions.
+scores the prompt once and shares its key/value cache across the completions; ``prompt_pass`` keeps one
+prompt's forward (a ``PromptState``) so that several chunks of its group, scored and back-propagated one
+after another, share it too.
 """
 
 from __future__ import annotations
@@ -144,7 +146,42 @@ def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-def group_log_probs(model: nn.Module, batch: GroupBatch, share_prompt: bool = True) -> Tensor:
+@dataclass
+class PromptState:
+    """One prompt's forward, to be scored against by any number of completion chunks.
+
+    ``keys_values`` holds every layer's (1, heads, Lp, head_dim) keys and values and ``first_logp`` the
+    (V,) log-probabilities at the prompt's last position (they score completion token 0 of every row).
+    Built with gradients enabled, both carry the prompt forward's autograd graph: each chunk scored
+    against the state back-propagates into that one forward, so every backward through a chunk but the
+    last must keep the graph (``retain_graph=True``), and the prompt's activations live as long as the
+    state does.
+    """
+
+    keys_values: list[tuple[Tensor, Tensor]]
+    first_logp: Tensor  # (V,)
+
+    @property
+    def length(self) -> int:
+        return self.keys_values[0][0].shape[-2]
+
+
+def prompt_pass(model: nn.Module, prompt_ids: Tensor) -> PromptState:
+    """Run a prompt (Lp,) once, keeping its keys/values and last-position log-probs for ``group_log_probs``.
+
+    Only for models whose cache holds plain keys and values (``shares_prompt_cache``)."""
+    if not shares_prompt_cache(model):
+        raise ValueError(f"{type(model).__name__} caches more than plain keys and values; its prompt cannot be shared")
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=prompt_ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    first_logp = torch.log_softmax(logits[0, -1].to(compute_dtype), dim=-1)  # (V,)
+    return PromptState([(layer.keys, layer.values) for layer in cache.layers], first_logp)
+
+
+def group_log_probs(
+    model: nn.Module, batch: GroupBatch, share_prompt: bool = True, prompt_state: PromptState | None = None
+) -> Tensor:
     """log p of each completion token given the prompt and the completion before it: (B, Lc),
     aligned with ``batch.completion_mask`` (padding entries are finite and meaningless).
 
@@ -152,9 +189,17 @@ def group_log_probs(model: nn.Module, batch: GroupBatch, share_prompt: bool = Tr
     (gradients flow back through the repeat into the prompt's forward); models whose cache holds
     more than plain keys and values (GatedDeltaNet's recurrent state, sliding windows) fall back
     to full ``prompt + completion`` rows. Either way logits are computed at completion positions only.
+
+    ``prompt_state`` (from ``prompt_pass`` on ``batch.prompt_ids``, under the current weights and adapter
+    mode) is scored against instead of running the prompt again, so several chunks of one group share one
+    prompt forward; it is read, never modified.
     """
+    if prompt_state is not None:
+        if prompt_state.length != batch.prompt_ids.shape[0]:
+            raise ValueError(f"prompt state of {prompt_state.length} tokens for a {batch.prompt_ids.shape[0]}-token prompt")
+        return _shared_prompt_log_probs(model, batch, prompt_state)
     if share_prompt and shares_prompt_cache(model):
-        return _shared_prompt_log_probs(model, batch)
+        return _shared_prompt_log_probs(model, batch, prompt_pass(model, batch.prompt_ids))
     return _full_row_log_probs(model, batch)
 
 
@@ -164,19 +209,21 @@ def shares_prompt_cache(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
-def _shared_prompt_log_probs(model: nn.Module, batch: GroupBatch) -> Tensor:
+def _shared_prompt_log_probs(model: nn.Module, batch: GroupBatch, state: PromptState) -> Tensor:
     n_rows, width = batch.completion_ids.shape
-    cache = DynamicCache(config=model.config)
-    prompt = batch.prompt_ids[None]  # (1, Lp)
-    # The prompt's last logit scores completion token 0 of every row.
-    first = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (1, 1, V)
-    logp = [target_log_probs(first.expand(n_rows, -1, -1), batch.completion_ids[:, :1])]  # (B, 1)
+    logp = [state.first_logp[batch.completion_ids[:, :1]]]  # (B, 1): the prompt's last logit scores token 0
     if width > 1:
-        cache.batch_repeat_interleave(n_rows)
-        start = prompt.shape[1]
+        # A fresh cache per chunk: the prompt's keys/values broadcast to the rows (a view; its backward sums
+        # the rows' gradients into the prompt's forward). The cache copies them and concatenates the
+        # completion's keys/values onto that copy, so the state's tensors are never written to.
+        cache = DynamicCache(
+            [(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1)) for k, v in state.keys_values],
+            config=model.config,
+        )
+        start = state.length
         inputs = batch.completion_ids[:, :-1]  # (B, Lc-1): the last token predicts nothing that is scored
-        attention_mask = torch.cat([prompt.new_ones(n_rows, start), batch.completion_mask[:, :-1]], dim=1)
-        positions = torch.arange(start, start + width - 1, device=prompt.device)[None].expand(n_rows, -1)
+        attention_mask = torch.cat([inputs.new_ones(n_rows, start), batch.completion_mask[:, :-1]], dim=1)
+        positions = torch.arange(start, start + width - 1, device=inputs.device)[None].expand(n_rows, -1)
         rest = model(input_ids=inputs, attention_mask=attention_mask, position_ids=positions,
                      past_key_values=cache, use_cache=True).logits  # (B, Lc-1, V)
         logp.append(target_log_probs(rest, batch.completion_ids[:, 1:]))

@@ -137,14 +137,19 @@ class SplitCheck(L.Callback):
         self.checked += 1
 
 
-def test_student_and_teacher_gradients_sum_to_the_full_gradient(tmp_path) -> None:
+@pytest.mark.parametrize(("learning_rate", "ppo_epochs", "beta"), [(0.0, 1, 0.0), (1e-2, 1, 0.0), (0.0, 2, 0.1)])
+def test_student_and_teacher_gradients_sum_to_the_full_gradient(tmp_path, learning_rate, ppo_epochs, beta) -> None:
+    """Checked at every optimizer step: with moving weights, a prompt pass (or its retained graph) leaking from one
+    step into the next would show; with two PPO epochs and a KL term at lr 0 (rollout policy = policy = reference, so
+    the ratio is 1 and the KL gradient 0), frozen log-probs handed to the wrong chunk would."""
     module = AntipastoModule(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8),
                              group_size=4, mix_ratio=0.5, micro_batch_size=3, log_completions_every=0,
-                             projection=ProjectionConfig(k=1), learning_rate=0.0)
+                             projection=ProjectionConfig(k=1), learning_rate=learning_rate, ppo_epochs=ppo_epochs,
+                             beta=beta)
     data = AntipastoDataModule(prompts_per_step=2, pool_per_prompt=2, pair_problems=1, variants_per_mode=1,
                                modes=["sentinel", "file_marker"])
     check = SplitCheck()
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=3 * ppo_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, callbacks=[check], default_root_dir=tmp_path)
     trainer.fit(module, data)
-    assert check.checked >= 1
+    assert check.checked == trainer.global_step == 3 * ppo_epochs

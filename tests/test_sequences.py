@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import lightning as L
 import pytest
 import torch
@@ -15,10 +17,12 @@ from antipasto_pl.module import AntipastoModule
 from antipasto_pl.projection import ProjectionConfig
 from antipasto_pl.rollout import SamplingConfig
 from antipasto_pl.sequences import (
+    PromptState,
     batch_from_ids,
     completion_log_probs,
     group_batch,
     group_log_probs,
+    prompt_pass,
     shares_prompt_cache,
 )
 
@@ -67,8 +71,14 @@ def test_group_log_probs_equal_full_rows(name: str, dtype: str, lengths: tuple[i
     reference = full_row_reference(model, tokenizer, prompt, completions)
     tol = TOLERANCE[dtype]["logp"]
     with torch.no_grad():
-        for share_prompt in (True, False):
-            logp = group_log_probs(model, batch, share_prompt=share_prompt)
+        results = [group_log_probs(model, batch, share_prompt=share_prompt) for share_prompt in (True, False)]
+        if shares_prompt_cache(model):  # one prompt pass, scored against twice
+            state = prompt_pass(model, batch.prompt_ids)
+            results += [group_log_probs(model, batch, prompt_state=state) for _ in range(2)]
+        else:
+            with pytest.raises(ValueError, match="cannot be shared"):
+                prompt_pass(model, batch.prompt_ids)
+        for logp in results:
             assert logp.shape == batch.completion_mask.shape and torch.isfinite(logp).all()
             for row, mask, expected in zip(logp, batch.completion_mask.bool(), reference):
                 torch.testing.assert_close(row[mask], expected, atol=tol, rtol=tol)
@@ -97,6 +107,99 @@ def test_grpo_gradient_through_the_shared_prompt_equals_full_rows(name: str, dty
     for got, expected in grads:
         assert expected.abs().sum() > 0
         assert (got - expected).norm() <= tol["grad"] * expected.norm(), ((got - expected).norm(), expected.norm())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_chunks_backpropagated_through_one_prompt_pass_equal_full_rows(name: str, dtype: str) -> None:
+    """Chunks of a group scored against one PromptState and back-propagated one after another (keeping the
+    prompt graph for all but the last) accumulate the full-row gradient of all their rows; the state's
+    tensors are read, never written."""
+    model, tokenizer = moved_policy(name, dtype)
+    prompt, completions = one_group((9, 4, 6, 2, 9))
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.25, 0.5])
+    params = [a.delta_s for a in adapter_modules(model).values()]
+    denom = 5 * 9.0
+
+    rows = batch_from_ids([prompt] * len(completions), completions, tokenizer.pad_token_id)
+    full = grpo_loss(completion_log_probs(model, rows), advantages, rows.completion_mask[:, 1:], denom=denom)
+    expected = torch.autograd.grad(full.loss, params)
+
+    state = prompt_pass(model, torch.tensor(prompt))
+    before = [t.detach().clone() for kv in state.keys_values for t in kv]
+    versions = [t._version for kv in state.keys_values for t in kv]
+    chunks = [(0, 2), (2, 3), (3, 5)]
+    for i, (start, stop) in enumerate(chunks):
+        batch = group_batch(prompt, completions[start:stop], tokenizer.pad_token_id)
+        out = grpo_loss(group_log_probs(model, batch, prompt_state=state), advantages[start:stop],
+                        batch.completion_mask, denom=denom)
+        out.loss.backward(retain_graph=i < len(chunks) - 1)
+    assert [t._version for kv in state.keys_values for t in kv] == versions
+    for t, b in zip((t for kv in state.keys_values for t in kv), before):
+        assert torch.equal(t.detach(), b)
+    tol = TOLERANCE[dtype]["grad"]
+    for p, e in zip(params, expected):
+        assert e.abs().sum() > 0
+        assert (p.grad - e).norm() <= tol * e.norm(), ((p.grad - e).norm(), e.norm())
+    with pytest.raises(ValueError, match="prompt state of"):
+        group_log_probs(model, group_batch(prompt[:-1], completions, tokenizer.pad_token_id), prompt_state=state)
+
+
+class CountPromptPasses(AntipastoModule):
+    """The module with its forwards observed: per training pass (``backward_groups`` call) and per frozen
+    scoring, the shapes of the token batches the embedding sees; after each pass, the live PromptStates."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.passes: list[dict] = []
+
+    def _observed(self, kind: str, chunks: list, method, *args):
+        shapes: list[tuple[int, ...]] = []
+        hook = self.model.get_input_embeddings().register_forward_pre_hook(
+            lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
+        try:
+            result = method(*args)
+        finally:
+            hook.remove()
+        gc.collect()
+        active = [g for g in self.last_groups if g.active]
+        scored = sum(c.batch.completion_ids.shape[1] > 1 for c in chunks)  # a 1-token completion needs no forward
+        self.passes.append({"kind": kind, "shapes": shapes, "prompt_lengths": sorted(len(g.prompt_ids) for g in active),
+                            "scored_chunks": scored,
+                            "live_states": sum(type(o) is PromptState for o in gc.get_objects())})
+        return result
+
+    def _frozen_log_probs(self, chunks):
+        return self._observed("frozen", chunks, super()._frozen_log_probs, chunks)
+
+    def backward_groups(self, chunks_by_source, frozen, n_prompts):
+        chunks = [c for source_chunks in chunks_by_source.values() for c in source_chunks]
+        return self._observed("train", chunks, super().backward_groups, chunks_by_source, frozen, n_prompts)
+
+
+def test_each_group_runs_its_prompt_once_per_pass(tmp_path) -> None:
+    """One row per chunk (two student and two teacher chunks per group), two PPO epochs and a KL term: every
+    training pass runs each active group's prompt forward once (and each frozen policy once), the completion
+    forwards once per chunk, and no prompt state (nor its graph) outlives its pass."""
+    L.seed_everything(0)
+    module = CountPromptPasses(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8),
+                               group_size=4, mix_ratio=0.5, micro_batch_size=1, log_completions_every=0,
+                               projection=ProjectionConfig(k=1), learning_rate=1e-2, ppo_epochs=2, beta=0.1)
+    data = AntipastoDataModule(prompts_per_step=2, pool_per_prompt=2, pair_problems=1, variants_per_mode=1,
+                               modes=["sentinel", "file_marker"])
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert [p["kind"] for p in module.passes] == ["frozen", "train", "train"] * 2
+    for p in module.passes:
+        assert p["prompt_lengths"] and min(p["prompt_lengths"]) > 8  # longer than any completion forward
+        prompts = sorted(s[1] for s in p["shapes"] if s[1] > 8)
+        completions = [s for s in p["shapes"] if s[1] <= 8]
+        assert all(s[0] == 1 for s in p["shapes"] if s[1] > 8)
+        per_policy = 2 if p["kind"] == "frozen" else 1  # rollout policy (PPO ratio) and reference (KL)
+        assert prompts == sorted(p["prompt_lengths"] * per_policy), p
+        assert len(completions) == per_policy * p["scored_chunks"] and p["scored_chunks"] > len(p["prompt_lengths"]), p
+        assert p["live_states"] == 0
 
 
 class CaptureGradients(L.Callback):
