@@ -1,0 +1,161 @@
+"""Running this trainer's real GRPO steps under the Lightning Trainer, with per-step timings (benchmark helper)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from _common import SMOLLM2, timed
+
+import antipasto_pl.module as module_lib
+from antipasto_pl.data import AntipastoDataModule
+from antipasto_pl.env.problem import Problem
+from antipasto_pl.grpo import nonzero_variance_groups
+from antipasto_pl.models import PolicyConfig
+from antipasto_pl.module import AntipastoModule
+from antipasto_pl.projection import ProjectionConfig
+from antipasto_pl.rollout import SamplingConfig
+
+JITTER = 1e-3
+PIECES = ("generate_groups", "grade_groups", "backward_groups")
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training batch (one optimizer step here), the problems it held, the module's
+    ``time/*`` and ``train/active_groups`` logs, and the time spent in the module's step pieces."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.batches: list[list[str]] = []
+        self.logged: list[dict[str, float]] = []
+        self.pieces: list[dict[str, float]] = []
+        self.calls: dict[str, list[float]] = {name: [] for name in PIECES}
+        self._start = 0.0
+
+    def wrap_pieces(self, module: AntipastoModule) -> None:
+        """Time the module's generate / grade / backward methods (instance attributes shadow the methods)."""
+        for name in PIECES:
+            if callable(getattr(module, name, None)):
+                setattr(module, name, timed(getattr(module, name), self.calls[name]))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        for values in self.calls.values():
+            values.clear()
+        self.batches.append([p.id for p in batch])
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.times.append(time.perf_counter() - self._start)
+        self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items()
+                            if k.startswith("time/") or k == "train/active_groups"})
+        self.pieces.append({name: sum(values) for name, values in self.calls.items() if values})
+
+
+@dataclass
+class ForceActive:
+    """Replace the zero advantages of a zero-variance group by a tiny zero-mean +-JITTER pattern, so every group
+    carries a gradient and every step runs its backward, as every TRL step does. Rewards (and their logs) are
+    untouched. Installed by patching ``antipasto_pl.module.group_advantages``."""
+
+    calls: int = 0
+    jittered_groups: int = 0
+    groups: int = 0
+    _original: Any = field(default=None, repr=False)
+
+    def __enter__(self) -> ForceActive:
+        self._original = module_lib.group_advantages
+
+        def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *args: Any,
+                             **kwargs: Any) -> torch.Tensor:
+            advantages = self._original(rewards, group_ids, *args, **kwargs)
+            varies = nonzero_variance_groups(rewards, group_ids)
+            self.calls += 1
+            self.groups += int(varies.numel())
+            if bool(varies.all()):
+                return advantages
+            flat = advantages.reshape(-1).clone()
+            if group_ids is None:
+                n_groups, size = rewards.shape
+                ids = torch.arange(n_groups, device=rewards.device).repeat_interleave(size)
+            else:
+                ids = group_ids.long()
+            for g in (~varies).nonzero().flatten().tolist():
+                rows = (ids == g).nonzero().flatten()
+                signs = torch.ones(len(rows), dtype=flat.dtype, device=flat.device)
+                signs[1::2] = -1.0
+                if len(rows) % 2:
+                    signs[-1] = 0.0
+                flat[rows] = signs * JITTER
+                self.jittered_groups += 1
+            return flat.reshape(advantages.shape)
+
+        module_lib.group_advantages = group_advantages
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        module_lib.group_advantages = self._original
+
+
+def make_module(group_size: int, mix_ratio: float, max_new_tokens: int, micro_batch_size: int = 8,
+                intervention: str = "none", subspace: str = "random", k: int = 4, r_max: int | None = None,
+                learning_rate: float = 1e-2, grader_workers: int | None = None,
+                min_new_tokens: int | None = None, cls: type[AntipastoModule] = AntipastoModule) -> AntipastoModule:
+    """``AntipastoModule`` on SmolLM2 configured like configs/cpu.yaml, with the given sizes; the model is built
+    now (``configure_model``) so the caller can adjust it before fitting."""
+    from antipasto_pl.adapter import AdapterConfig
+
+    module = cls(
+        policy=PolicyConfig(name=SMOLLM2, dtype="float32"),
+        adapter=AdapterConfig(r_max=r_max),
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0),
+        projection=ProjectionConfig(intervention=intervention, subspace=subspace, k=k),
+        group_size=group_size,
+        mix_ratio=mix_ratio,
+        learning_rate=learning_rate,
+        micro_batch_size=micro_batch_size,
+        grader_workers=grader_workers,
+        log_completions_every=0,
+        eval_samples_per_prompt=1,
+    )
+    module.configure_model()
+    if min_new_tokens is not None:
+        module.model.generation_config.min_new_tokens = min_new_tokens
+    return module
+
+
+def make_data(prompts_per_step: int, use_pool: bool, seed: int = 0) -> AntipastoDataModule:
+    """The builtin problems with configs/cpu.yaml's pair settings (2 pair problems x 2 variants x 6 modes)."""
+    return AntipastoDataModule(problems="builtin", prompts_per_step=prompts_per_step, pair_problems=2,
+                               variants_per_mode=2, use_pool=use_pool, seed=seed)
+
+
+def first_batches(prompts_per_step: int, n: int, seed: int = 0) -> list[list[Problem]]:
+    """The first ``n`` training batches the Trainer will draw (same sampler, same seed, epoch 0)."""
+    data = make_data(prompts_per_step, use_pool=False, seed=seed)
+    data.setup("fit")
+    batches: list[list[Problem]] = []
+    while len(batches) < n:
+        for batch in data.train_dataloader():
+            batches.append(batch)
+            if len(batches) == n:
+                break
+    return batches
+
+
+def fit(module: AntipastoModule, data: AntipastoDataModule, steps: int, callbacks: list[L.Callback],
+        seed: int = 0) -> L.Trainer:
+    """``steps`` optimizer steps under the real Lightning Trainer (no validation, logging or checkpoints)."""
+    L.seed_everything(seed, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=callbacks, default_root_dir=tempfile.mkdtemp(prefix="antipasto-bench-"),
+    )
+    trainer.fit(module, data)
+    return trainer

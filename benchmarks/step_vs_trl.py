@@ -1,0 +1,228 @@
+"""One GRPO optimizer step of this trainer against TRL's GRPOTrainer, in the same run, on CPU.
+
+Both train SmolLM2-135M-Instruct (loaded by `antipasto_pl.models.load_policy`; TRL gets the model object and
+its tokenizer) on the same builtin problems in the same order (the first batches this project's data module
+draws), one prompt per step, G=8 completions of 64 new tokens, rewarded by this project's sandboxed `Grader`
+(so both pay the same grading):
+
+* this trainer: `AntipastoModule` + `AntipastoDataModule` under the real Lightning `Trainer`, configured like
+  configs/cpu.yaml but with group_size 8, prompts_per_step 1, max_new_tokens 64, mix_ratio 0 (pure student
+  GRPO, like TRL), no teacher pool; the projection callback runs as in the vanilla arm (intervention none,
+  k=4) on a random V so that no extraction is needed first. Steps timed by a Callback
+  (on_train_batch_start / on_train_batch_end).
+* TRL: `GRPOTrainer`, full fine-tune, its default loss (loss_type and beta as that TRL version defaults
+  them, printed), num_generations 8, per-device batch 8 (one prompt per step), max_completion_length 64,
+  use_cpu, float32 (bf16 off, as this trainer), gradient checkpointing off (this trainer does not
+  recompute activations; `--trl-gradient-checkpointing` turns TRL's default back on), no eval, logging
+  or saving. Steps timed by a TrainerCallback (on_step_begin / on_step_end).
+
+Fairness: both samples are forced to exactly 64 tokens (`min_new_tokens`; `--natural-length` turns that
+off), since a step's cost depends on how long its completions are. This trainer skips the backward of a group
+whose rewards do not vary (no gradient), which TRL never does; with 64-token completions most rewards are 0
+(the code block is cut off), so by default such groups get a tiny zero-mean advantage and run their
+backward like TRL (`--natural-advantages` measures the trainer as it is instead, and the table says how many
+steps had a backward).
+
+Warm-up steps first, then the median of `--repeats` steps each; the ratio is ours / TRL's median step time.
+
+    python benchmarks/step_vs_trl.py [--repeats 5] [--warmup 1] [--group-size 8] [--max-new-tokens 64]
+        [--order antipasto-first|trl-first] [--natural-length] [--natural-advantages]
+        [--trl-gradient-checkpointing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+
+import lightning as L
+from _antipasto_run import ForceActive, StepTimer, first_batches, fit, make_data, make_module
+from _common import (
+    SMOLLM2,
+    add_threads_arg,
+    apply_threads,
+    collect,
+    fmt_s,
+    machine_line,
+    median,
+    quiet_logs,
+    table,
+    verdict,
+)
+
+from antipasto_pl.env.grader import Grader
+from antipasto_pl.env.problem import Problem
+from antipasto_pl.models import PolicyConfig, load_policy
+
+TARGET = 0.7
+
+
+def run_antipasto(args: argparse.Namespace, steps: int) -> dict:
+    module = make_module(group_size=args.group_size, mix_ratio=0.0, max_new_tokens=args.max_new_tokens,
+                         min_new_tokens=None if args.natural_length else args.max_new_tokens,
+                         micro_batch_size=args.micro_batch_size)
+    timer = StepTimer()
+    timer.wrap_pieces(module)
+    lengths: list[float] = []
+
+    class Lengths(L.Callback):  # mean completion length of each step's samples
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            samples = [s for g in pl_module.last_groups for s in g.samples]
+            lengths.append(sum(len(s.token_ids) for s in samples) / max(len(samples), 1))
+
+    force = ForceActive() if not args.natural_advantages else contextlib.nullcontext(None)
+    with force as forced:
+        fit(module, make_data(1, use_pool=False), steps, [timer, Lengths()], seed=args.seed)
+    w = args.warmup
+    result = {
+        "times": timer.times[w:], "batches": timer.batches, "lengths": lengths[w:],
+        "active": [m.get("train/active_groups", float("nan")) for m in timer.logged[w:]],
+        "pieces": timer.pieces[w:], "logged": timer.logged[w:],
+        "jittered": (forced.jittered_groups, forced.groups, forced.calls) if forced is not None else None,
+    }
+    del module
+    collect()
+    return result
+
+
+def run_trl(args: argparse.Namespace, steps: int, problems: list[Problem]) -> dict:
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tokenizer = load_policy(PolicyConfig(name=SMOLLM2, dtype="float32"))
+    model.requires_grad_(True)  # load_policy freezes it; TRL fine-tunes every weight
+    by_id = {p.id: p for p in problems}
+    grader = Grader()
+    grade_times: list[float] = []
+    lengths: list[float] = []
+
+    def antipasto_reward(prompts, completions, problem_id, completion_ids=None, **kwargs) -> list[float]:
+        if completion_ids is not None:
+            lengths.append(sum(len(ids) for ids in completion_ids) / max(len(completion_ids), 1))
+        start = time.perf_counter()
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        grades = grader.grade_batch([(by_id[pid], text) for pid, text in zip(problem_id, texts)])
+        grade_times.append(time.perf_counter() - start)
+        return [g.reward for g in grades]
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, targs, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt()}], "problem_id": p.id}
+                                 for p in problems])
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=args.trl_gradient_checkpointing,
+        num_generations=args.group_size, per_device_train_batch_size=args.group_size,
+        gradient_accumulation_steps=1,
+        max_completion_length=args.max_new_tokens,
+        generation_kwargs=None if args.natural_length else {"min_new_tokens": args.max_new_tokens},
+        temperature=1.0, top_p=1.0,
+        max_steps=steps, shuffle_dataset=False, seed=args.seed,
+        report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    settings = {k: getattr(config, k, None) for k in (
+        "loss_type", "beta", "scale_rewards", "num_iterations", "steps_per_generation", "generation_batch_size",
+        "epsilon", "learning_rate", "optim", "gradient_checkpointing", "bf16", "top_k")}
+    timer = Timer()
+    trainer = GRPOTrainer(model=model, reward_funcs=antipasto_reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[timer])
+    try:
+        trainer.train()
+    finally:
+        grader.close()
+    w = args.warmup
+    result = {"times": timer.times[w:], "version": trl.__version__, "settings": settings,
+              "grade": grade_times[w:], "lengths": lengths[w:]}
+    del trainer, model
+    collect()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="measured steps per trainer (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="this trainer's rows per forward/backward")
+    parser.add_argument("--order", choices=["antipasto-first", "trl-first"], default="antipasto-first")
+    parser.add_argument("--natural-length", action="store_true", help="let EOS end completions early (both)")
+    parser.add_argument("--natural-advantages", action="store_true",
+                        help="do not force a backward for zero-variance groups (this trainer as it runs)")
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="TRL with its default gradient checkpointing on")
+    parser.add_argument("--skip-trl", action="store_true", help="measure this trainer only")
+    parser.add_argument("--seed", type=int, default=0)
+    add_threads_arg(parser)
+    args = parser.parse_args()
+    apply_threads(args.threads)
+    quiet_logs()
+    steps = args.warmup + args.repeats
+    print(f"GRPO step vs TRL, SmolLM2-135M-Instruct on CPU: {machine_line()}")
+    print(f"G={args.group_size}, {args.max_new_tokens} new tokens, 1 prompt per step, warm-up {args.warmup}, "
+          f"median of {args.repeats}; forced length: {not args.natural_length}; "
+          f"forced backward: {not args.natural_advantages}")
+    batches = first_batches(1, steps, args.seed)
+    problems = [b[0] for b in batches]
+    print("prompts: " + ", ".join(p.id for p in problems))
+
+    ours = trl_result = None
+    order = ["antipasto", "trl"] if args.order == "antipasto-first" else ["trl", "antipasto"]
+    for name in order:
+        if name == "antipasto":
+            ours = run_antipasto(args, steps)
+            if [b[0] for b in ours["batches"]] != [p.id for p in problems]:
+                print(f"WARNING: this trainer drew {ours['batches']}, expected {[p.id for p in problems]}")
+        elif not args.skip_trl:
+            trl_result = run_trl(args, steps, problems)
+
+    rows = []
+    ours_s = median(ours["times"])
+    active = ours["active"]
+    note = f"active groups per step {active}"
+    if ours["jittered"] is not None:
+        jittered, groups, calls = ours["jittered"]
+        note += f"; {jittered}/{groups} groups had equal rewards and were given a +-1e-3 advantage"
+    rows.append(["antipasto_pl (SVD adapter)", fmt_s(ours["times"]),
+                 f"{median(ours['lengths']):.1f}" if ours["lengths"] else "?", "n/a (TRL skipped)"])
+    if trl_result is not None:
+        trl_s = median(trl_result["times"])
+        rows[0][-1] = f"{ours_s / trl_s:.3f}"
+        rows.append([f"TRL {trl_result['version']} GRPOTrainer (full FT)", fmt_s(trl_result["times"]),
+                     f"{median(trl_result['lengths']):.1f}" if trl_result["lengths"] else "?", "1.000"])
+    print()
+    print(table(rows, ["trainer", "median step", "mean completion tokens", "step time vs TRL"]))
+    print(f"\nthis trainer: {note}")
+    pieces = ours["pieces"]
+    if pieces:
+        parts = {k: median([p.get(k, 0.0) for p in pieces]) for k in pieces[0]}
+        print("this trainer, median per step: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
+    logged = ours["logged"]
+    if logged and any(k.startswith("time/") for k in logged[0]):
+        keys = sorted(k for k in logged[0] if k.startswith("time/"))
+        values = {k: median([m.get(k, 0.0) for m in logged]) for k in keys}
+        print("this trainer, logged: " + ", ".join(f"{k} {v:.2f} s" for k, v in values.items()))
+    if trl_result is not None:
+        print(f"TRL settings: {trl_result['settings']}")
+        print(f"TRL reward (grading) per step: {fmt_s(trl_result['grade'])}")
+        ratio = ours_s / median(trl_result["times"])
+        print(f"\nstep time ratio antipasto/TRL = {ratio:.3f} ({verdict(ratio, TARGET, False)})")
+
+
+if __name__ == "__main__":
+    main()
