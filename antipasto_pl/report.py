@@ -89,8 +89,14 @@ def format_mean_std(values: Sequence[float]) -> str:
 # --- loading -----------------------------------------------------------------------------------------------------
 
 
-def read_scalars(run_dir: str | Path) -> dict[str, Series]:
-    """Every scalar tag of a run, merged over its ``lightning_logs/version_N`` directories in version order."""
+def first_steps(series: Series, steps: int | None) -> Series:
+    """The points of the first `steps` optimizer steps (0 .. steps-1); all of them when `steps` is None."""
+    return dict(series) if steps is None else {step: value for step, value in series.items() if step < steps}
+
+
+def read_scalars(run_dir: str | Path, steps: int | None = None) -> dict[str, Series]:
+    """Every scalar tag of a run, merged over its ``lightning_logs/version_N`` directories in version order,
+    cut to the first `steps` steps (None: all)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     versions = sorted((Path(run_dir) / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -100,18 +106,19 @@ def read_scalars(run_dir: str | Path) -> dict[str, Series]:
         events.Reload()
         for tag in events.Tags()["scalars"]:
             pieces.setdefault(tag, []).append({e.step: e.value for e in events.Scalars(tag)})
-    return {tag: merge_versions(parts) for tag, parts in pieces.items()}
+    return {tag: first_steps(merge_versions(parts), steps) for tag, parts in pieces.items()}
 
 
-def load_experiment(experiment_dir: str | Path) -> list[Run]:
-    """The runs of an `antipasto experiment` directory (subdirectories with a ``run.json``), with their scalars."""
+def load_experiment(experiment_dir: str | Path, steps: int | None = None) -> list[Run]:
+    """The runs of an `antipasto experiment` directory (subdirectories with a ``run.json``), with their scalars
+    (only the first `steps` optimizer steps of each, when given)."""
     root = Path(experiment_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"experiment directory {root} not found")
     runs = []
     for meta_file in sorted(root.glob(f"*/{RUN_FILE}")):
         meta = json.loads(meta_file.read_text())
-        runs.append(Run(meta["name"], meta["arm"], meta["seed"], meta["holdout_mode"], read_scalars(meta_file.parent)))
+        runs.append(Run(meta["name"], meta["arm"], meta["seed"], meta["holdout_mode"], read_scalars(meta_file.parent, steps)))
     if not runs:
         raise FileNotFoundError(f"no runs (subdirectories with {RUN_FILE}) in {root}")
     return runs
@@ -230,7 +237,7 @@ def plot_cin(runs: Sequence[Run]) -> Figure:
     return _plot_tags(runs, [CIN_S, CIN_T], ["student gradient cin_s", "teacher gradient cin_t"], NULL, False)
 
 
-def report_command(experiment_dir: str, out: str | None = None, last_n: int = 5) -> Path:
+def report_command(experiment_dir: str, out: str | None = None, last_n: int = 5, steps: int | None = None) -> Path:
     """Summarise an `antipasto experiment` directory: Markdown tables and PNG figures from the runs' logs.
 
     Writes ``report.md`` (also printed): per arm, the student hack rate and gt pass rate (mean of each run's
@@ -242,8 +249,10 @@ def report_command(experiment_dir: str, out: str | None = None, last_n: int = 5)
         experiment_dir: the `--out` directory of `antipasto experiment`.
         out: where to write report.md and the figures (default: `experiment_dir`).
         last_n: steps averaged at the end of each run for the tables.
+        steps: use only each run's first `steps` optimizer steps, so runs that went on longer (an extended
+            run) are compared with the others at the same step (default: every logged step).
     """
-    runs = load_experiment(experiment_dir)
+    runs = load_experiment(experiment_dir, steps)
     target = Path(out) if out is not None else Path(experiment_dir)
     target.mkdir(parents=True, exist_ok=True)
     text = markdown_report(runs, last_n)

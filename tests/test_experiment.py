@@ -19,6 +19,7 @@ from antipasto_pl.cli import main
 from antipasto_pl.experiment import DONE_FILE, LAST_CKPT, RUN_FILE, RunSpec, plan_runs, run_state
 from antipasto_pl.report import (
     Run,
+    first_steps,
     last_n_mean,
     markdown_report,
     mean_std,
@@ -90,6 +91,9 @@ def test_statistics_on_synthetic_numbers() -> None:
     assert steps == [0, 1, 2] and mean == [0.5, 0.5, 0.5] and low == [0.0, 0.0, 0.5] and high == [1.0, 1.0, 0.5]
     # a run resumed from step 2: the second log version repeats step 2 and wins
     assert merge_versions([{0: 1.0, 1: 2.0, 2: 3.0}, {2: 30.0, 3: 40.0}]) == {0: 1.0, 1: 2.0, 2: 30.0, 3: 40.0}
+    # a run that went on longer, compared at the others' length: its first 2 steps only
+    assert first_steps({0: 1.0, 1: 2.0, 2: 3.0, 5: 6.0}, 2) == {0: 1.0, 1: 2.0}
+    assert first_steps({0: 1.0, 3: 4.0}, None) == {0: 1.0, 3: 4.0}
 
 
 def test_markdown_tables_from_synthetic_runs() -> None:
