@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import gc
 import os
 import platform
@@ -40,15 +42,15 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def add_threads_arg(parser) -> None:
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add the shared ``--threads`` option, parse, and apply it before any torch work."""
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice, one per core); on a machine shared "
                              "with other jobs, 1 avoids OpenMP threads spinning against each other")
-
-
-def apply_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def machine_line() -> str:

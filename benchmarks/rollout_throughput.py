@@ -24,7 +24,7 @@ import contextlib
 import time
 
 import torch
-from _common import SMOLLM2, add_threads_arg, apply_threads, fmt_s, machine_line, median, quiet_logs, table, verdict
+from _common import SMOLLM2, fmt_s, machine_line, median, parse_args, quiet_logs, table, verdict
 
 from antipasto_pl import rollout
 from antipasto_pl.adapter import AdapterConfig, adapter_modules, merged_weights, wrap_model
@@ -80,9 +80,7 @@ def main() -> None:
     parser.add_argument("--delta-scale", type=float, default=0.01, help="std of the random delta_s")
     parser.add_argument("--hooks", action="store_true", help="also time sampling through the hooks (unmerged)")
     parser.add_argument("--seed", type=int, default=0)
-    add_threads_arg(parser)
-    args = parser.parse_args()
-    apply_threads(args.threads)
+    args = parse_args(parser)
     quiet_logs()
 
     print(f"rollout throughput, SmolLM2-135M-Instruct on CPU: {machine_line()}")

@@ -48,12 +48,11 @@ import torch
 from _antipasto_run import StepTimer, fit, make_data, make_module
 from _common import (
     SMOLLM2,
-    add_threads_arg,
-    apply_threads,
     collect,
     fmt_s,
     machine_line,
     median,
+    parse_args,
     peak_rss_mb,
     quiet_logs,
     reset_peak_rss,
@@ -378,9 +377,7 @@ def main() -> None:
     parser.add_argument("--r-max-small", type=int, default=64, help="the capped rank in the memory part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-child", choices=["base", "full", "rmax"], help=argparse.SUPPRESS)
-    add_threads_arg(parser)
-    args = parser.parse_args()
-    apply_threads(args.threads)
+    args = parse_args(parser)
     if args.memory_child:
         memory_child(args.memory_child, args.memory_rows, args.max_new_tokens, args.r_max_small)
         return

@@ -41,12 +41,11 @@ import lightning as L
 from _antipasto_run import ForceActive, StepTimer, first_batches, fit, make_data, make_module
 from _common import (
     SMOLLM2,
-    add_threads_arg,
-    apply_threads,
     collect,
     fmt_s,
     machine_line,
     median,
+    parse_args,
     quiet_logs,
     table,
     verdict,
@@ -168,9 +167,7 @@ def main() -> None:
                         help="TRL with its default gradient checkpointing on")
     parser.add_argument("--skip-trl", action="store_true", help="measure this trainer only")
     parser.add_argument("--seed", type=int, default=0)
-    add_threads_arg(parser)
-    args = parser.parse_args()
-    apply_threads(args.threads)
+    args = parse_args(parser)
     quiet_logs()
     steps = args.warmup + args.repeats
     print(f"GRPO step vs TRL, SmolLM2-135M-Instruct on CPU: {machine_line()}")
