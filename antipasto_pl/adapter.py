@@ -1,18 +1,24 @@
 """The SVD adapter: the policy's only trainable parameters.
 
 Each targeted ``nn.Linear`` with weight ``W = U diag(sigma) Vh`` (thin SVD, optionally
-capped to the top ``r_max`` axes) gets a child ``svd_adapter`` holding two trainable
-vectors of length r, both zero at init, and a forward hook that adds
+capped to the top ``r_max`` axes) becomes an ``SVDLinear`` (same module, names and state-dict
+keys) with a child ``svd_adapter`` holding two trainable vectors of length r, both zero at init:
 
     y = W x + U diag(delta_s + delta_s_hack) Vh x
 
-The base path is left untouched, so with zero vectors the output is bit-identical to
-the base model. ``U``/``Vh`` are non-persistent buffers (never in checkpoints), loaded
-from an SVD cache keyed by a hash of the weight bytes.
+Two ways to compute it. Merged (``AdapterConfig.merged_forward``, the float32 default): the layer
+keeps ``W_eff = W + U diag(delta) Vh`` materialised, re-merged only when a vector, the mode or ``W``
+changed (so once per optimizer step), and runs ``W_eff x`` with a custom autograd Function that
+returns ``dL/d delta = sum_t (Vh x_t) * (U^T dy_t)``: two matrix products forward and two backward
+instead of three and three, and sampling runs at base-model speed with no merge of its own.
+Additive (lower precision, where rounding ``W_eff`` would drop small updates): ``W x`` plus the
+adapter term. Either way, with zero vectors the output is bit-identical to the base model, and
+``W`` itself is never modified. ``U``/``Vh`` are non-persistent buffers (never in checkpoints),
+loaded from an SVD cache keyed by a hash of the weight bytes.
 
-Contexts switch what the hooks add: ``reference_policy`` (nothing: pi_ref for the KL),
+Contexts switch what the layers add: ``reference_policy`` (nothing: pi_ref for the KL),
 ``quarantine_ablated`` (``delta_s`` only: the deployed view of a routed model) and
-``merged_weights`` (the adapter folded into ``W`` for fast sampling, hooks bypassed).
+``merged_weights`` (sampling: merged weights in every precision).
 """
 
 from __future__ import annotations
@@ -57,12 +63,18 @@ class AdapterConfig:
         r_max: keep only the top ``r_max`` singular axes per module (None: full rank).
         svd_cache: cache SVD factors on disk, keyed by a hash of the weight bytes.
         cache_dir: cache root (default: ``$ANTIPASTO_CACHE`` or ``~/.cache/antipasto_pl``).
+        merged_forward: train and sample on the materialised ``W + U diag(delta) Vh``, re-merged once
+            per change of the vectors: 2 matrix products per layer forward and backward instead of 3,
+            for one more copy of the wrapped weights in memory. None: on for float32 weights, off for
+            lower precision, where rounding the merged weight would drop small updates from the
+            training forward (those still sample on merged weights, merged per rollout).
     """
 
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     r_max: int | None = None
     svd_cache: bool = True
     cache_dir: str | None = None
+    merged_forward: bool | None = None
 
     def __post_init__(self) -> None:
         if self.r_max is not None and self.r_max < 1:
@@ -72,13 +84,16 @@ class AdapterConfig:
 
 
 class SVDAdapter(nn.Module):
-    """Trainable singular-value offsets of one Linear layer.
+    """Trainable singular-value offsets of one Linear layer, and its merged weight.
 
     ``delta_s`` is the policy's knob; ``delta_s_hack`` is the quarantine that only the
-    route arm moves and deployment zeroes.
+    route arm moves and deployment zeroes. The merged weight is a cache keyed on the
+    vectors' and the weight's identity and in-place version counters, so any change made
+    through torch ops (optimizer steps, ``copy_``, loading) re-merges on the next forward;
+    a write through ``.data`` bypasses the counters and is not seen.
     """
 
-    def __init__(self, u: Tensor, vh: Tensor, weight_hash: str) -> None:
+    def __init__(self, u: Tensor, vh: Tensor, weight_hash: str, merged_forward: bool = False) -> None:
         super().__init__()
         rank = vh.shape[0]
         self.delta_s = nn.Parameter(torch.zeros(rank, dtype=torch.float32, device=vh.device))
@@ -87,6 +102,11 @@ class SVDAdapter(nn.Module):
         self.register_buffer("Vh", vh, persistent=False)  # (r, d_in)
         self.weight_hash = weight_hash
         self.mode = FULL
+        self.merged_forward = merged_forward
+        self.sampling = False  # set by merged_weights(): sample on the merged weight in any precision
+        self._merged: Tensor | None = None
+        self._merged_key: tuple = ()
+        self._merged_sources: tuple[Tensor, ...] = ()  # held so that the ids in the key stay unique
 
     @property
     def rank(self) -> int:
@@ -105,19 +125,91 @@ class SVDAdapter(nn.Module):
         coords = nn.functional.linear(x, self.Vh.to(x.dtype))
         return nn.functional.linear(coords * self.effective_delta().to(x.dtype), self.U.to(x.dtype))
 
-    def delta_weight(self) -> Tensor:
-        """U diag(delta) Vh in float32: (d_out, d_in)."""
-        return (self.U.float() * self.effective_delta().float()) @ self.Vh.float()
+    def merge_into(self, weight: Tensor) -> Tensor:
+        """``W + U diag(delta) Vh`` for the current mode, computed in at least float32, in W's dtype."""
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        scaled_u = self.U.to(compute) * self.effective_delta().to(compute)  # (d_out, r)
+        return torch.addmm(weight.to(compute), scaled_u, self.Vh.to(compute)).to(weight.dtype)
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """``W + U diag(delta) Vh`` for the current mode, in W's dtype: (d_out, d_in); merged again only
+        if a vector, the mode or ``W`` changed since the cached one."""
+        key = (self.mode, *(_identity(t) for t in (weight, self.delta_s, self.delta_s_hack)))
+        if self._merged is None or key != self._merged_key:
+            # Outside inference mode: the cache is also saved for backward by training forwards.
+            with torch.inference_mode(False), torch.no_grad():
+                merged = self.merge_into(weight)
+            self._merged, self._merged_key = merged, key
+            self._merged_sources = (weight, self.delta_s, self.delta_s_hack)
+        return self._merged
+
+    def drop_merged(self) -> None:
+        self._merged, self._merged_key, self._merged_sources = None, (), ()
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, weight_hash={self.weight_hash[:12]}"
+        return f"rank={self.rank}, weight_hash={self.weight_hash[:12]}, merged_forward={self.merged_forward}"
 
 
-def _adapter_hook(linear: nn.Linear, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-    adapter: SVDAdapter = linear.svd_adapter
-    if adapter.mode == OFF:
-        return output
-    return output + adapter(args[0])
+def _identity(t: Tensor) -> tuple:
+    """What changes when ``t`` is replaced, moved or modified in place."""
+    return id(t), t._version, t.data_ptr(), t.device, t.dtype
+
+
+class _MergedLinear(torch.autograd.Function):
+    """``y = W_eff x + b`` on a precomputed ``W_eff = W + U diag(delta) Vh``, differentiable in ``x`` and
+    ``delta``: backward gives ``dx = W_eff^T dy`` and ``d delta = sum_t (Vh x_t) * (U^T dy_t)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, delta: Tensor, merged: Tensor, bias: Tensor | None, u: Tensor, vh: Tensor) -> Tensor:
+        # x: (..., d_in), delta: (r,), merged: (d_out, d_in), u: (d_out, r), vh: (r, d_in)
+        coords = nn.functional.linear(x, vh.to(x.dtype))  # (..., r)
+        ctx.save_for_backward(coords, merged, u)
+        ctx.delta_dtype = delta.dtype
+        return nn.functional.linear(x, merged, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        coords, merged, u = ctx.saved_tensors
+        # Under autocast dy may be in lower precision than W_eff; autograd casts dx back to x's dtype.
+        grad_x = grad_out @ merged.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_delta = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            back = grad_out @ u.to(grad_out.dtype)  # (..., r): U^T dy
+            grad_delta = (coords.float() * back.float()).reshape(-1, coords.shape[-1]).sum(0).to(ctx.delta_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_delta, None, grad_bias, None, None
+
+
+class SVDLinear(nn.Linear):
+    """An ``nn.Linear`` with an ``svd_adapter`` child; ``attach_adapter`` re-classes a layer in place, so
+    its name, parameters and state-dict keys stay those of the base model."""
+
+    svd_adapter: SVDAdapter
+
+    def forward(self, x: Tensor) -> Tensor:
+        adapter = self.svd_adapter
+        if adapter.mode == OFF:
+            return nn.functional.linear(x, self.weight, self.bias)
+        # A trainable base weight needs autograd's own path (the merged Function has no weight gradient).
+        if (adapter.merged_forward or adapter.sampling) and not self.weight.requires_grad:
+            merged = adapter.merged_weight(self.weight)
+            if not torch.is_grad_enabled():
+                return nn.functional.linear(x, merged, self.bias)
+            return _MergedLinear.apply(x, adapter.effective_delta(), merged, self.bias, adapter.U, adapter.Vh)
+        return nn.functional.linear(x, self.weight, self.bias) + adapter(x)
+
+
+def attach_adapter(linear: nn.Linear, adapter: SVDAdapter) -> None:
+    """Give a plain ``nn.Linear`` its adapter (in place)."""
+    if type(linear) is not nn.Linear:
+        raise TypeError(
+            f"the SVD adapter wraps plain torch.nn.Linear layers, got {type(linear).__module__}."
+            f"{type(linear).__qualname__} (quantised or otherwise specialised layers are not supported)"
+        )
+    linear.svd_adapter = adapter
+    linear.__class__ = SVDLinear
 
 
 def weight_hash(weight: Tensor) -> str:
@@ -188,10 +280,13 @@ def wrap_model(model: nn.Module, cfg: AdapterConfig | None = None) -> AdapterSum
     cache_dir = cache_root(cfg.cache_dir) / "svd" if cfg.svd_cache else None
     n_base = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
-    for linear in linears.values():
+    for name, linear in linears.items():
         u, vh, key = svd_factors(linear.weight, cfg.r_max, cache_dir)
-        linear.svd_adapter = SVDAdapter(u, vh, key)
-        linear.register_forward_hook(_adapter_hook)
+        merged_forward = cfg.merged_forward if cfg.merged_forward is not None else linear.weight.dtype == torch.float32
+        try:
+            attach_adapter(linear, SVDAdapter(u, vh, key, merged_forward))
+        except TypeError as err:
+            raise TypeError(f"{name}: {err}") from None
     n_trainable = sum(p.numel() for p in adapter_parameters(model))
     log.info("SVD adapter: wrapped %d modules, %d trainable parameters (base model %d)",
              len(linears), n_trainable, n_base)
@@ -236,27 +331,43 @@ def quarantine_ablated(model: nn.Module) -> contextlib.AbstractContextManager[No
 
 @contextlib.contextmanager
 def merged_weights(model: nn.Module) -> Iterator[None]:
-    """Fold the current adapter (respecting an enclosing ablation) into the weights.
+    """Sample on ``W + U diag(delta) Vh`` (respecting an enclosing ablation) at base-model speed.
 
-    Sampling then runs at base-model speed with the hooks bypassed. The original weights
-    are kept aside and copied back on exit, so the restore is exact.
+    Layers that train on merged weights already hold them (merged once per change of the vectors);
+    the others merge here and drop the merged copies on exit. ``W`` itself is never written.
     """
-    adapters = adapter_modules(model)
-    linears = dict(model.named_modules())
-    saved: dict[str, Tensor] = {}
+    adapters = list(adapter_modules(model).values())
+    previous = [a.sampling for a in adapters]
     try:
-        with torch.no_grad():
-            for name, adapter in adapters.items():
-                weight = linears[name].weight
-                delta_weight = adapter.delta_weight()
-                saved[name] = weight.detach().clone()
-                weight.copy_((weight.float() + delta_weight).to(weight.dtype))
-        with _adapter_mode(model, OFF):
-            yield
+        for a in adapters:
+            a.sampling = True
+        yield
     finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                linears[name].weight.copy_(original)
+        for a, was in zip(adapters, previous):
+            a.sampling = was
+            if not (a.sampling or a.merged_forward):
+                a.drop_merged()
+
+
+def refresh_merged(model: nn.Module) -> None:
+    """Merge every layer that trains on merged weights now (after an optimizer step), instead of in the
+    first forward that needs it."""
+    linears = dict(model.named_modules())
+    for name, adapter in adapter_modules(model).items():
+        if adapter.merged_forward and adapter.mode != OFF:
+            adapter.merged_weight(linears[name].weight)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict with every wrapped weight replaced by ``W + U diag(delta) Vh`` for the current
+    mode (inside ``quarantine_ablated``: ``delta_s`` only) and the adapter's own entries left out: a plain
+    model of the base architecture."""
+    linears = dict(model.named_modules())
+    state = {k: v for k, v in model.state_dict().items() if ".svd_adapter." not in k}
+    with torch.no_grad():
+        for name, adapter in adapter_modules(model).items():
+            state[f"{name}.weight"] = adapter.merge_into(linears[name].weight)
+    return state
 
 
 def adapter_state(model: nn.Module) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from antipasto_pl.adapter import adapter_modules, merged_weights, quarantine_ablated, save_adapter
+from antipasto_pl.adapter import adapter_modules, merged_state_dict, quarantine_ablated, save_adapter
 from antipasto_pl.checkpointing import AtomicCheckpointIO
 from antipasto_pl.module import AntipastoModule
 
@@ -56,10 +56,8 @@ def export_command(train_config: str | list[str], ckpt_path: str, out_dir: str) 
     module = load_trained_module(train_config, ckpt_path)
     model, out = module.model, Path(out_dir)
     save_adapter(model, out / ADAPTER_FILE)
-    with quarantine_ablated(model), merged_weights(model):
-        # The merged weights plus everything else the base model holds; the adapter's own vectors stay out.
-        state = {k: v for k, v in model.state_dict().items() if ".svd_adapter." not in k}
-        model.save_pretrained(out / MERGED_DIR, state_dict=state)
+    with quarantine_ablated(model):
+        model.save_pretrained(out / MERGED_DIR, state_dict=merged_state_dict(model))
     module.tokenizer.save_pretrained(out / MERGED_DIR)
     print(f"adapter: {out / ADAPTER_FILE}\nmerged model (quarantine ablated): {out / MERGED_DIR}")
     return out

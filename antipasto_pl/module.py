@@ -31,6 +31,7 @@ from antipasto_pl.adapter import (
     check_adapter_metadata,
     quarantine_ablated,
     reference_policy,
+    refresh_merged,
     wrap_model,
 )
 from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
@@ -419,6 +420,7 @@ class AntipastoModule(L.LightningModule):
             loss = self._step_loss = self.backward_groups(chunks, frozen, len(batch))
             lap("loss_backward")
             optimizer.step()
+            refresh_merged(self.model)  # the next forward (sampling or scoring) runs on the new weights
             lap("optimizer")
         n_active = sum(g.active for g in groups)
         self.log_rates(groups)  # after the step: values logged before a manual step 0 are not flushed

@@ -326,6 +326,8 @@ def memory_child(variant: str, rows: int, tokens: int, r_max_small: int) -> None
     report["peak_fwd_bwd_mb"] = peak_rss_mb()
     optimizer.step()
     report["peak_step_mb"] = peak_rss_mb()
+    merged = [a._merged for a in adapter_modules(model).values() if a._merged is not None]
+    report["merged_mb"] = sum(m.numel() * m.element_size() for m in merged) / 2**20
     print(json.dumps(report))
 
 
@@ -348,11 +350,12 @@ def part_memory(args: argparse.Namespace) -> None:
     base = results["base"]
     rows = []
     for variant, r in results.items():
-        rows.append([names[variant], f"{r['trainable']:,}", f"{r['buffers_mb']:.0f}", f"{r['rss_loaded_mb']:.0f}",
+        rows.append([names[variant], f"{r['trainable']:,}", f"{r['buffers_mb']:.0f}", f"{r['merged_mb']:.0f}",
+                     f"{r['rss_loaded_mb']:.0f}",
                      f"{r['peak_fwd_bwd_mb']:.0f}", f"{r['peak_step_mb']:.0f}",
                      f"{r['peak_step_mb'] - r['rss_loaded_mb']:.0f}",
                      f"{r['peak_step_mb'] / base['peak_step_mb']:.2f}"])
-    print(table(rows, ["variant", "trainable params", "U/Vh (MiB)", "RSS loaded", "peak fwd+bwd",
+    print(table(rows, ["variant", "trainable params", "U/Vh (MiB)", "merged W (MiB)", "RSS loaded", "peak fwd+bwd",
                        "peak step", "step over loaded", "peak step / base"]))
     reset = all(r["peak_reset"] for r in results.values())
     print(f"MiB; batch {base['batch_shape']}; weights {base['weights_mb']:.0f} MiB; imports alone "

@@ -15,10 +15,13 @@ from antipasto_pl.adapter import (
     SVDAdapter,
     adapter_modules,
     adapter_parameters,
+    attach_adapter,
     load_adapter,
+    merged_state_dict,
     merged_weights,
     quarantine_ablated,
     reference_policy,
+    refresh_merged,
     save_adapter,
     svd_factors,
     wrap_model,
@@ -84,22 +87,34 @@ def test_r_max_keeps_top_singular_axes() -> None:
         torch.testing.assert_close(core, torch.diag(top), atol=1e-4, rtol=1e-4)
 
 
-def test_gradcheck_on_plain_linear() -> None:
-    linear = torch.nn.Linear(6, 4, dtype=torch.float64)
+@pytest.mark.parametrize("merged_forward", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_on_plain_linear(merged_forward: bool, bias: bool) -> None:
+    linear = torch.nn.Linear(6, 4, bias=bias, dtype=torch.float64)
+    linear.requires_grad_(False)
     u, vh, key = svd_factors(linear.weight, None, None)
-    linear.svd_adapter = SVDAdapter(u, vh, key).double()
-    from antipasto_pl.adapter import _adapter_hook
+    attach_adapter(linear, SVDAdapter(u, vh, key, merged_forward).double())
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
 
-    linear.register_forward_hook(_adapter_hook)
-    x = torch.randn(3, 6, dtype=torch.float64)
-
-    def f(delta_s: torch.Tensor, delta_s_hack: torch.Tensor) -> torch.Tensor:
+    def f(x: torch.Tensor, delta_s: torch.Tensor, delta_s_hack: torch.Tensor) -> torch.Tensor:
+        # gradcheck perturbs its inputs through ``.data``, which the merge cache cannot see: merge afresh.
+        linear.svd_adapter.drop_merged()
         params = {"svd_adapter.delta_s": delta_s, "svd_adapter.delta_s_hack": delta_s_hack}
         return functional_call(linear, params, (x,))
 
-    inputs = (torch.randn(4, dtype=torch.float64, requires_grad=True),
+    inputs = (x, torch.randn(4, dtype=torch.float64, requires_grad=True),
               torch.randn(4, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_attach_adapter_names_a_layer_it_cannot_wrap() -> None:
+    class Specialised(torch.nn.Linear):
+        pass
+
+    layer = Specialised(4, 4)
+    u, vh, key = svd_factors(layer.weight, None, None)
+    with pytest.raises(TypeError, match="plain torch.nn.Linear.*Specialised"):
+        attach_adapter(layer, SVDAdapter(u, vh, key))
 
 
 @pytest.mark.parametrize("target", ["in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj"])
@@ -168,31 +183,104 @@ def test_quarantine_ablation_zeroes_only_delta_s_hack() -> None:
         assert torch.equal(model(ids).logits, full)
 
 
+def adapter_grads(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    for p in adapter_parameters(model):
+        p.grad = None
+    logits = model(ids).logits
+    (logits.square().mean() + logits[:, -1].logsumexp(-1).sum()).backward()
+    return torch.cat([p.grad for p in adapter_parameters(model)])
+
+
 @pytest.mark.parametrize("name", TINY_NAMES)
-def test_merged_weights_match_hooks_and_restore_exactly(name: str) -> None:
-    model, _ = tiny_policy(name)
-    randomise(model)
+def test_merged_forward_matches_the_additive_forward_and_its_gradients(name: str) -> None:
+    merged, _ = tiny_policy(name)  # float32: merged forward by default
+    additive, _ = tiny_policy(name, merged_forward=False)
+    assert all(a.merged_forward for a in adapter_modules(merged).values())
+    assert not any(a.merged_forward for a in adapter_modules(additive).values())
+    randomise(merged)
+    randomise(additive)
+    ids = token_batch()
+    torch.testing.assert_close(merged(ids).logits, additive(ids).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(adapter_grads(merged, ids), adapter_grads(additive, ids), atol=1e-6, rtol=1e-4)
+    for contexts in (quarantine_ablated, reference_policy):
+        with torch.no_grad(), contexts(merged), contexts(additive):
+            torch.testing.assert_close(merged(ids).logits, additive(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_merged_weight_follows_every_change_of_the_vectors() -> None:
+    model, _ = tiny_policy()
+    additive, _ = tiny_policy(merged_forward=False)
+    ids = token_batch()
+    weights = base_weights(model)
+
+    def agree() -> None:
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, additive(ids).logits, atol=1e-5, rtol=1e-4)
+
+    randomise(model)  # copy_
+    randomise(additive)
+    agree()
+    optimizers = [torch.optim.AdamW(adapter_parameters(m), lr=0.05) for m in (model, additive)]
+    for m, optimizer in zip((model, additive), optimizers):
+        m(ids).logits.square().mean().backward()
+        optimizer.step()
+    refresh_merged(model)
+    agree()
+    with torch.no_grad():  # an in-place edit of one vector of one layer, through torch ops
+        for m in (model, additive):
+            next(iter(adapter_modules(m).values())).delta_s_hack.mul_(-3.0)
+    agree()
+    with quarantine_ablated(model), quarantine_ablated(additive):
+        agree()
+    agree()
+    with torch.inference_mode():  # a merge made in inference mode still serves training forwards
+        with quarantine_ablated(model):
+            model(ids)
+    adapter_grads(model, ids)
+    after = base_weights(model)
+    assert all(torch.equal(after[k], weights[k]) for k in weights)  # W itself is never written
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_sampling_context_merges_lower_precision_layers_and_drops_them_after(name: str) -> None:
+    model, _ = tiny_policy(name, "bfloat16")
+    adapters = list(adapter_modules(model).values())
+    assert not any(a.merged_forward for a in adapters)  # additive training forward below float32
+    randomise(model, scale=0.05)
     ids = token_batch()
     weights = base_weights(model)
     with torch.no_grad():
-        hooked = model(ids).logits
-        with merged_weights(model):
-            merged = model(ids).logits
-            assert not torch.equal(model.state_dict()[next(iter(adapter_modules(model))) + ".weight"],
-                                   weights[next(iter(adapter_modules(model))) + ".weight"])
+        additive = model(ids).logits
         with quarantine_ablated(model):
-            ablated_hooked = model(ids).logits
+            ablated_additive = model(ids).logits
             with merged_weights(model):
                 ablated_merged = model(ids).logits
+        with merged_weights(model):
+            merged = model(ids).logits
+            assert all(a._merged is not None for a in adapters)
+        assert all(a._merged is None for a in adapters)
         with pytest.raises(KeyError):
             with merged_weights(model):
                 raise KeyError("fail inside")
-    torch.testing.assert_close(merged, hooked, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ablated_merged, ablated_hooked, atol=1e-4, rtol=1e-4)
+        assert not any(a.sampling for a in adapters) and all(a._merged is None for a in adapters)
+        assert torch.equal(model(ids).logits, additive)
+    # bfloat16: the merged weights are rounded, so the logits agree only roughly.
+    torch.testing.assert_close(merged.float(), additive.float(), atol=0.1, rtol=0.05)
+    torch.testing.assert_close(ablated_merged.float(), ablated_additive.float(), atol=0.1, rtol=0.05)
+    assert not torch.equal(merged, ablated_merged)
     after = base_weights(model)
     assert all(torch.equal(after[k], weights[k]) for k in weights)
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, hooked)
+
+
+def test_merged_state_dict_is_a_plain_model_of_the_merged_weights() -> None:
+    model, _ = tiny_policy()
+    randomise(model)
+    plain, _ = tiny_policy(wrap=False)
+    ids = token_batch()
+    with quarantine_ablated(model):
+        plain.load_state_dict(merged_state_dict(model))
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
 
 
 def test_factors_are_non_persistent_and_cached_by_weight_hash(tmp_path) -> None:
@@ -274,3 +362,18 @@ def test_wrapping_twice_and_unmatched_targets_fail() -> None:
     plain, _ = tiny_policy(wrap=False)
     with pytest.raises(ValueError, match=r"no nn.Linear in LlamaForCausalLM is named like .*'c_attn'"):
         wrap_model(plain, AdapterConfig(target_modules=["c_attn"]))
+
+
+def test_merged_forward_trains_under_autocast() -> None:
+    """float32 weights under bfloat16 autocast: the merged Function's backward meets lower-precision dy."""
+    merged, _ = tiny_policy()
+    additive, _ = tiny_policy(merged_forward=False)
+    grads = []
+    for model in (merged, additive):
+        randomise(model, scale=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(token_batch()).logits
+        logits.float().square().mean().backward()
+        grads.append(torch.cat([p.grad for p in adapter_parameters(model)]))
+    assert grads[0].dtype == torch.float32
+    assert torch.linalg.vector_norm(grads[0] - grads[1]) < 0.05 * torch.linalg.vector_norm(grads[1])
