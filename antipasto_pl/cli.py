@@ -36,8 +36,9 @@ DESCRIPTION = (
 
 # Intentional choices Lightning warns about on every run: the frozen policy stays in eval mode (no
 # dropout, so sampling and scoring see the same network), and checkpoints are written after the step.
-for _message in ("Found .* module\\(s\\) in eval mode", "Using ModelCheckpoint with manual optimization",
-                 "LightningCLI's args parameter"):
+LIGHTNING_NOISE = ("Found .* module\\(s\\) in eval mode", "Using ModelCheckpoint with manual optimization",
+                   "LightningCLI's args parameter")
+for _message in LIGHTNING_NOISE:
     warnings.filterwarnings("ignore", message=_message)
 
 

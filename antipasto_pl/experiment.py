@@ -234,22 +234,21 @@ def experiment_command(
         return dirs
 
     failed: list[tuple[str, Path]] = []
-    counts = {"done": 0, "skipped": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0}
     bar = tqdm(total=len(runs), desc="experiment", unit="run", file=sys.stderr, dynamic_ncols=True)
     for spec, run_dir, state in zip(runs, dirs, states):
         bar.set_postfix_str(f"{spec.name} ({state}) | done {counts['done']} skipped {counts['skipped']} "
-                            f"failed {counts['failed']}")
+                            f"failed {len(failed)}")
         if state == "done":
             counts["skipped"] += 1
         elif launch(spec, run_dir, state) == 0:
             counts["done"] += 1
             bar.write(f"{spec.name}: finished ({'resumed' if state == 'resume' else 'new'})")
         else:
-            counts["failed"] += 1
             failed.append((spec.name, run_dir / LOG_FILE))
             bar.write(f"{spec.name}: FAILED, see {run_dir / LOG_FILE}")
         bar.update()
-    bar.set_postfix_str(f"done {counts['done']} skipped {counts['skipped']} failed {counts['failed']}")
+    bar.set_postfix_str(f"done {counts['done']} skipped {counts['skipped']} failed {len(failed)}")
     bar.close()
     if failed:
         listing = "\n".join(f"  {name}: {log}" for name, log in failed)

@@ -78,21 +78,28 @@ def group_advantages(
     return advantages.reshape(rewards.shape)
 
 
-def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
+def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
+    """log_softmax(logits)[target] at every position.
 
-    log_softmax + gather in at least float32 (bf16 logits are upcast), one sequence at a time so the
-    upcast copy of the (T, vocab) logits exists for one row only. Entry t scores token t+1, so a
-    completion mask over input_ids is aligned with `mask[:, 1:]`.
+    In at least float32 (bf16 logits are upcast), one sequence at a time so the upcast copy of the
+    (L, vocab) logits exists for one row only.
     """
-    # logits: (B, T, V), input_ids: (B, T) -> (B, T-1)
+    # logits: (B, L, V), targets: (B, L) -> (B, L)
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    targets = input_ids[:, 1:]
     rows = [
-        torch.log_softmax(row[:-1].to(compute_dtype), dim=-1).gather(-1, target[:, None]).squeeze(-1)
+        torch.log_softmax(row.to(compute_dtype), dim=-1).gather(-1, target[:, None]).squeeze(-1)
         for row, target in zip(logits, targets)
     ]
     return torch.stack(rows)
+
+
+def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
+
+    Entry t scores token t+1, so a completion mask over input_ids is aligned with `mask[:, 1:]`.
+    """
+    # logits: (B, T, V), input_ids: (B, T) -> (B, T-1)
+    return target_log_probs(logits[:, :-1], input_ids[:, 1:])
 
 
 def _per_token(advantages: Tensor) -> Tensor:

@@ -323,16 +323,17 @@ class AntipastoModule(L.LightningModule):
         by_group: dict[int, list[int]] = {}
         for i, chunk in enumerate(chunks):
             by_group.setdefault(chunk.group, []).append(i)
+
+        def score(members: list[int]) -> list[Tensor | None]:
+            state = self._prompt_pass(chunks[members[0]].batch)
+            return [group_log_probs(self.model, chunks[i].batch, prompt_state=state) for i in members]
+
         for members in by_group.values():
-            old: list[Tensor | None] = [None] * len(members)
+            old: list[Tensor | None] = score(members) if want_old else [None] * len(members)
             ref: list[Tensor | None] = [None] * len(members)
-            if want_old:
-                state = self._prompt_pass(chunks[members[0]].batch)
-                old = [group_log_probs(self.model, chunks[i].batch, prompt_state=state) for i in members]
             if want_ref:
                 with reference_policy(self.model):
-                    state = self._prompt_pass(chunks[members[0]].batch)
-                    ref = [group_log_probs(self.model, chunks[i].batch, prompt_state=state) for i in members]
+                    ref = score(members)
             for i, o, r in zip(members, old, ref):
                 frozen[i] = (o, r)
         return frozen

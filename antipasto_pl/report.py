@@ -148,6 +148,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _paired_cell(treated: dict[int, float], baseline: dict[int, float]) -> str:
+    """Mean ± std of the same-seed differences ``treated - baseline``."""
+    return format_mean_std(list(paired_differences(treated, baseline).values()))
+
+
 def markdown_report(runs: Sequence[Run], last_n: int = 5) -> str:
     """The three tables (per arm; paired vs vanilla; weak detector per held-out mode) as Markdown."""
     main = [r for r in runs if r.holdout_mode is None]
@@ -163,10 +168,9 @@ def markdown_report(runs: Sequence[Run], last_n: int = 5) -> str:
     if base in hack and len(arms) > 1:
         rows = []
         for arm in arms[1:]:
-            d_hack = paired_differences(hack.get((arm, None), {}), hack[base])
-            d_gt = paired_differences(gt.get((arm, None), {}), gt.get(base, {}))
-            rows.append([arm, str(len(d_hack)), format_mean_std(list(d_hack.values())),
-                         format_mean_std(list(d_gt.values()))])
+            arm_hack, arm_gt = hack.get((arm, None), {}), gt.get((arm, None), {})
+            rows.append([arm, str(len(paired_differences(arm_hack, hack[base]))), _paired_cell(arm_hack, hack[base]),
+                         _paired_cell(arm_gt, gt.get(base, {}))])
         parts.append("## Paired difference against same-seed vanilla\n\n"
                      + _table(["arm", "paired seeds", "Δ hack rate", "Δ gt pass rate"], rows))
     lomo = [r for r in runs if r.holdout_mode is not None]
@@ -181,8 +185,7 @@ def markdown_report(runs: Sequence[Run], last_n: int = 5) -> str:
                 hacks, passes = m_hack.get(key, {}), m_pass.get(key, {})
                 diffs = ["–", "–"]
                 if arm != "vanilla" and ref in m_hack:
-                    diffs = [format_mean_std(list(paired_differences(hacks, m_hack[ref]).values())),
-                             format_mean_std(list(paired_differences(passes, m_pass.get(ref, {})).values()))]
+                    diffs = [_paired_cell(hacks, m_hack[ref]), _paired_cell(passes, m_pass.get(ref, {}))]
                 rows.append([mode, arm, str(len(hacks)), format_mean_std(list(hacks.values())),
                              format_mean_std(list(passes.values())), *diffs])
         parts.append(

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from antipasto_pl.grpo import token_log_probs
+from antipasto_pl.grpo import target_log_probs, token_log_probs
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -132,18 +132,6 @@ def group_batch(prompt_ids: Sequence[int], completion_ids: Sequence[Sequence[int
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
     return GroupBatch(torch.tensor(list(prompt_ids), dtype=torch.long), ids, mask)
-
-
-def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log_softmax(logits)[target] in at least float32, one row at a time (the upcast copy of the
-    (L, vocab) logits exists for one row only)."""
-    # logits: (B, L, V), targets: (B, L) -> (B, L)
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    rows = [
-        torch.log_softmax(row.to(compute_dtype), dim=-1).gather(-1, target[:, None]).squeeze(-1)
-        for row, target in zip(logits, targets)
-    ]
-    return torch.stack(rows)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from _common import SMOLLM2, timed
 import antipasto_pl.module as module_lib
 from antipasto_pl.data import AntipastoDataModule
 from antipasto_pl.env.problem import Problem
-from antipasto_pl.grpo import nonzero_variance_groups
+from antipasto_pl.grpo import _flat_groups, nonzero_variance_groups
 from antipasto_pl.models import PolicyConfig
 from antipasto_pl.module import AntipastoModule
 from antipasto_pl.projection import ProjectionConfig
@@ -80,11 +80,7 @@ class ForceActive:
             if bool(varies.all()):
                 return advantages
             flat = advantages.reshape(-1).clone()
-            if group_ids is None:
-                n_groups, size = rewards.shape
-                ids = torch.arange(n_groups, device=rewards.device).repeat_interleave(size)
-            else:
-                ids = group_ids.long()
+            _, ids, _ = _flat_groups(rewards, group_ids)
             for g in (~varies).nonzero().flatten().tolist():
                 rows = (ids == g).nonzero().flatten()
                 signs = torch.ones(len(rows), dtype=flat.dtype, device=flat.device)
@@ -103,23 +99,19 @@ class ForceActive:
 
 
 def make_module(group_size: int, mix_ratio: float, max_new_tokens: int, micro_batch_size: int = 8,
-                intervention: str = "none", subspace: str = "random", k: int = 4, r_max: int | None = None,
-                learning_rate: float = 1e-2, grader_workers: int | None = None,
-                min_new_tokens: int | None = None, cls: type[AntipastoModule] = AntipastoModule) -> AntipastoModule:
-    """``AntipastoModule`` on SmolLM2 configured like configs/cpu.yaml, with the given sizes; the model is built
-    now (``configure_model``) so the caller can adjust it before fitting."""
-    from antipasto_pl.adapter import AdapterConfig
-
+                intervention: str = "none", min_new_tokens: int | None = None,
+                cls: type[AntipastoModule] = AntipastoModule) -> AntipastoModule:
+    """``AntipastoModule`` on SmolLM2 configured like configs/cpu.yaml (full rank, lr 1e-2), with the given sizes
+    and a random k=4 V (no extraction first); the model is built now (``configure_model``) so the caller can
+    adjust it before fitting."""
     module = cls(
         policy=PolicyConfig(name=SMOLLM2, dtype="float32"),
-        adapter=AdapterConfig(r_max=r_max),
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0),
-        projection=ProjectionConfig(intervention=intervention, subspace=subspace, k=k),
+        projection=ProjectionConfig(intervention=intervention, subspace="random", k=4),
         group_size=group_size,
         mix_ratio=mix_ratio,
-        learning_rate=learning_rate,
+        learning_rate=1e-2,
         micro_batch_size=micro_batch_size,
-        grader_workers=grader_workers,
         log_completions_every=0,
         eval_samples_per_prompt=1,
     )

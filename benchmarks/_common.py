@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-
-import gc
 import os
 import platform
 import resource
@@ -12,16 +10,17 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
+from antipasto_pl.cli import LIGHTNING_NOISE
+
 SMOLLM2 = "smollm2-135m-instruct"
 
-# Intentional choices Lightning warns about on every run (see antipasto_pl.cli).
-for _message in ("Found .* module\\(s\\) in eval mode", "Using ModelCheckpoint with manual optimization",
-                 "The number of training batches", ".*does not have many workers.*", ".*is deprecated.*"):
+# Intentional choices Lightning warns about on every run (antipasto_pl.cli's), and the short benchmark fits'.
+for _message in (*LIGHTNING_NOISE, "The number of training batches", ".*does not have many workers.*",
+                 ".*is deprecated.*"):
     warnings.filterwarnings("ignore", message=_message)
 
 
@@ -60,22 +59,15 @@ def machine_line() -> str:
             f"({torch.get_num_threads()} threads), load average {load:.2f}")
 
 
-@contextmanager
-def stopwatch(into: list[float]) -> Iterator[None]:
-    """Append the wall time of the block (seconds) to ``into``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        into.append(time.perf_counter() - start)
-
-
 def timed(fn: Callable[..., Any], into: list[float]) -> Callable[..., Any]:
     """``fn`` wrapped so that every call's wall time is appended to ``into``."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with stopwatch(into):
+        start = time.perf_counter()
+        try:
             return fn(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - start)
 
     wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
     return wrapper
@@ -106,10 +98,6 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 def verdict(value: float, target: float, higher_is_better: bool) -> str:
     ok = value >= target if higher_is_better else value <= target
     return f"{'meets' if ok else 'MISSES'} target {'>=' if higher_is_better else '<='} {target:g}"
-
-
-def collect() -> None:
-    gc.collect()
 
 
 # --- memory -------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ memory       peak RSS of one training step (forward + backward of 8 rows, then a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -48,7 +49,6 @@ import torch
 from _antipasto_run import StepTimer, fit, make_data, make_module
 from _common import (
     SMOLLM2,
-    collect,
     fmt_s,
     machine_line,
     median,
@@ -133,12 +133,9 @@ def part_steps(args: argparse.Namespace) -> None:
         return [label, fmt_s(values), format(median([v / s for v, s in zip(values, steps)]), digits)]
 
     rows = [["whole step (Callback: on_train_batch_start -> end)", fmt_s(steps), "100%"]]
-    keys = sorted({k for m in logged for k in m if k.startswith("time/")})
-    if keys:  # the module's own stage timings
-        rows += [row(f"logged {k}", [m.get(k, 0.0) for m in logged]) for k in keys]
-        grade_keys = [k for k in keys if "grade" in k]
-    else:
-        grade_keys = []
+    keys = sorted({k for m in logged for k in m if k.startswith("time/")})  # the module's own stage timings
+    rows += [row(f"logged {k}", [m.get(k, 0.0) for m in logged]) for k in keys]
+    grade_keys = [k for k in keys if "grade" in k]
     rows += [row(f"time inside {name}()", [p.get(name, 0.0) for p in pieces]) for name in pieces[0]] if pieces else []
     rows.append(row("grading the step's completions again, synchronously", sync))
     rows.append(row("projection callback (hook + post-step hook)", proj, ".2%"))
@@ -146,17 +143,13 @@ def part_steps(args: argparse.Namespace) -> None:
     print(f"active groups per step: {[m.get('train/active_groups') for m in logged]}; "
           f"completions graded per step: {[len(i) for i in items.items[w:]]}")
     proj_share = median([p / s for p, s in zip(proj, steps)])
-    if grade_keys:
-        blocking = median([sum(m.get(k, 0.0) for k in grade_keys) / s for m, s in zip(logged, steps)])
-        source = " + ".join(grade_keys)
-    else:
-        blocking = median([p.get("grade_groups", 0.0) / s for p, s in zip(pieces, steps)])
-        source = "time inside grade_groups()"
+    blocking = median([sum(m.get(k, 0.0) for k in grade_keys) / s for m, s in zip(logged, steps)])
+    source = " + ".join(grade_keys)
     print(f"projection overhead {proj_share:.2%} of the step ({verdict(proj_share, 0.02, False)}); grading: "
           f"{blocking:.1%} of the step waiting on it ({source}), "
           f"{median([g / s for g, s in zip(sync, steps)]):.1%} if it ran synchronously")
     del module
-    collect()
+    gc.collect()
 
 
 # --- diagnostics: the GradParts split -------------------------------------------------------------------------
@@ -171,13 +164,8 @@ class SplitCost(AntipastoModule):
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
-        generated = self.generate_groups(batch)
-        if isinstance(generated, tuple):  # (groups, teacher grades under way): grading overlaps sampling
-            groups = generated[0]
-            self.grade_groups(*generated)
-        else:
-            groups = generated
-            self.grade_groups(groups)
+        groups, teacher_grades = self.generate_groups(batch)
+        self.grade_groups(groups, teacher_grades)
         self.last_groups = groups
         split = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
         teachers = [s for g in groups for s in g.samples if s.source == TEACHER]
@@ -250,7 +238,7 @@ def part_diagnostics(args: argparse.Namespace) -> None:
           f"(micro_batch_size {module.hparams.micro_batch_size})")
     print(f"step with / without diagnostics = {median(ratios):.3f} ({verdict(median(ratios), 1.1, False)})")
     del module
-    collect()
+    gc.collect()
 
 
 # --- extraction -----------------------------------------------------------------------------------------------
@@ -277,7 +265,7 @@ def part_extraction(args: argparse.Namespace) -> None:
              len(subspace.modules)]]
     print(table(rows, ["", "wall time", "per completion (fwd+bwd)", "modules with V"]))
     del model
-    collect()
+    gc.collect()
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
@@ -312,7 +300,7 @@ def memory_child(variant: str, rows: int, tokens: int, r_max_small: int) -> None
                                [as_completion(p.canonical_solution) * 4 for p in problems], tokens)
     report["batch_shape"] = list(batch.input_ids.shape)
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    collect()
+    gc.collect()
     try:  # hand memory freed while loading (e.g. a computed SVD) back to the OS before the step
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:

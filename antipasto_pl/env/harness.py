@@ -818,8 +818,9 @@ def _supervisor(header: dict, fds: list[int], lifeline: int, ready: bool, entere
         job = _read_job(job_files[i])
         std = job_io[3 * i : 3 * i + 3]  # stdout, stderr, result file
         ready = _prepare(job)
-        code = compiled[job["code"]] if job["code"] in compiled else _precompile(job["code"])
-        compiled[job["code"]] = code
+        if job["code"] not in compiled:
+            compiled[job["code"]] = _precompile(job["code"])
+        code = compiled[job["code"]]
         if code is _NO_CODE:  # report what its worker would, without starting one
             os.write(std[2], ready)
             _Out(std[2], job["nonce"])("done", ok=False, label=_LABEL_SYNTAX)

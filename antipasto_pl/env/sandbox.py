@@ -517,8 +517,7 @@ class _Pump:
         for i, fds in enumerate(readers):
             self.keys.update({fd: (i, name) for fd, name in zip(fds, ("stdout", "stderr"))})
         self.bufs = {key: bytearray() for key in self.keys.values()}
-        status_cap = (n_collect * (limits.output_bytes * 4 // 3 + 1024)) + (64 << 10) * self.n
-        self.caps = {(-1, "status"): status_cap}
+        self.status_cap = (n_collect * (limits.output_bytes * 4 // 3 + 1024)) + (64 << 10) * self.n
         self.exits: list[tuple[dict[str, Any], float]] = []  # each finished job's exit record and arrival time
         self.fail: str | None = None
         self.cut: int | None = None  # the last job whose result counts, when the host ended the sandbox early
@@ -569,7 +568,7 @@ class _Pump:
                             self._open[name[0]] -= 1
                         continue
                     buf = self.bufs[name]
-                    room = self.caps.get(name, self.limits.output_bytes) - len(buf)
+                    room = (self.status_cap if name[0] < 0 else self.limits.output_bytes) - len(buf)
                     buf += chunk[:room]
                     if name[0] < 0:
                         self._parse_status()

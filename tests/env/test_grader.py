@@ -20,7 +20,8 @@ from antipasto_pl.env.grader import (
 from antipasto_pl.env.modes import HINTS, MODES
 from antipasto_pl.env.problem import Problem, TestCase
 from antipasto_pl.env.sandbox import SandboxLimits, isolation_level
-from .isolation import leftovers as _leftovers, snapshot as _snapshot
+
+from .isolation import leftovers, snapshot
 
 LIMITS = SandboxLimits(wall_s=1.0)
 
@@ -334,16 +335,16 @@ def test_adversarial_submission(grader: Grader, canary, monkeypatch, name: str) 
     monkeypatch.setenv("ANTIPASTO_SECRET", secret)
     template, errors = ADVERSARIAL[name]
     code = template.replace("{marker}", marker).replace("{root}", root).replace("{path}", path)
-    before = _snapshot(root)
+    before = snapshot(root)
     start = time.monotonic()
     g = grader.grade(ADD, as_completion(code), "run_tests")
     assert time.monotonic() - start < LIMITS.wall_s + 1.0
     assert not g.passed and not g.gt_correct and g.reward == 0.25
     assert g.error in errors, g
     assert secret not in g.stdout_tail
-    assert not _leftovers(marker)
+    assert not leftovers(marker)
     if isolation_level() == "full":
-        assert _snapshot(root) == before
+        assert snapshot(root) == before
         assert not os.path.exists(f"/tmp/antipasto-escape-{marker}")
 
 

@@ -13,8 +13,9 @@ import pytest
 
 from antipasto_pl.env import sandbox
 
-from .isolation import leftovers as _leftovers, snapshot as _snapshot
 from antipasto_pl.env.sandbox import SandboxLimits, isolation_level, run_code
+
+from .isolation import leftovers, snapshot
 
 LIMITS = SandboxLimits(wall_s=1.0)
 FULL = isolation_level() == "full"
@@ -145,7 +146,7 @@ def test_stdout_flood_is_cut_at_the_byte_cap() -> None:
 
 def test_writes_outside_the_workdir_fail_and_inside_succeed(canary) -> None:
     root, path = canary
-    before = _snapshot(root)
+    before = snapshot(root)
     code = (
         "import os, shutil\n"
         f"root, path = {root!r}, {path!r}\n"
@@ -169,7 +170,7 @@ def test_writes_outside_the_workdir_fail_and_inside_succeed(canary) -> None:
         pytest.skip(f"isolation is {isolation_level()!r}: no read-only view of the filesystem on this machine")
     res = run_code(code, LIMITS, collect=("inside.txt",))
     assert res.stdout == b"ok\n" and res.files == {"inside.txt": b"ok"}
-    assert _snapshot(root) == before
+    assert snapshot(root) == before
     assert not os.path.exists("/tmp/antipasto-escape.txt")
     assert not os.path.exists(res.workdir), "the sandbox working dir was not removed"
 
@@ -227,7 +228,7 @@ def test_environment_is_scrubbed(monkeypatch) -> None:
 def test_daemons_do_not_outlive_the_run(canary) -> None:
     root, path = canary
     marker = f"antipasto-daemon-{uuid.uuid4().hex}"
-    before = _snapshot(root)
+    before = snapshot(root)
     code = (
         "import os, time\n"
         "if os.fork() == 0:\n"
@@ -243,8 +244,8 @@ def test_daemons_do_not_outlive_the_run(canary) -> None:
     )
     res = run_code(code, LIMITS)
     assert res.stdout == b"parent done\n"
-    assert not _leftovers(marker) and not _left_by(res), "a daemon outlived its sandbox"
-    assert _snapshot(root) == before
+    assert not leftovers(marker) and not _left_by(res), "a daemon outlived its sandbox"
+    assert snapshot(root) == before
 
 
 def test_direct_launch_without_the_fork_server(monkeypatch) -> None:
@@ -257,7 +258,7 @@ def test_direct_launch_without_the_fork_server(monkeypatch) -> None:
         LIMITS,
     )
     assert res.stdout == b"ok\n" and res.done is not None and res.done["ok"]
-    assert not _leftovers(marker) and not _left_by(res)
+    assert not leftovers(marker) and not _left_by(res)
     start = time.monotonic()
     assert run_code("while True:\n    pass", LIMITS).timed_out
     assert time.monotonic() - start < LIMITS.wall_s + 1.0
@@ -282,7 +283,7 @@ def test_no_namespace_fallback_still_contains_as_root() -> None:
     res = sandbox._run(iso, {"kind": "script", "code": code}, SandboxLimits(wall_s=2.0, nproc=16), ())
     unprivileged, forked = res.stdout.split()
     assert unprivileged == b"True" and int(forked) < 16
-    assert not _leftovers(marker) and not _left_by(res)
+    assert not leftovers(marker) and not _left_by(res)
 
 
 # ---------------------------------------------------------------- sequences of jobs in one sandbox
