@@ -46,6 +46,7 @@ from antipasto_pl.rollout import SamplingConfig, hf_generate
 from antipasto_pl.sequences import (
     GroupBatch,
     PromptState,
+    chat_prompt,
     completion_token_ids,
     group_batch,
     group_log_probs,
@@ -247,20 +248,28 @@ class AntipastoModule(L.LightningModule):
         The teacher completions are known before sampling, so their grading is started first and runs in
         the sandboxes while the students are sampled; returns the groups and those pending teacher grades.
         """
-        prompts = [p.prompt() for p in problems]
+        contexts = self.contexts(problems)
         groups = []
-        for problem, prompt in zip(problems, prompts):
-            group = Group(problem, prompt_token_ids(self.tokenizer, prompt))
+        for problem in problems:
+            group = Group(problem, prompt_token_ids(self.tokenizer, problem.prompt(), self.prefill(problem)))
             group.samples = [
                 Sample(TEACHER, text, tuple(completion_token_ids(self.tokenizer, text, self.max_completion_tokens)))
                 for text in self.teacher_texts(problem)
             ]
             groups.append(group)
         teacher_grades = self.grader.submit_batch([(g.problem, s.text) for g in groups for s in g.samples])
-        student = hf_generate(self.model, self.tokenizer, prompts, self.n_student, self.sampling)
+        student = hf_generate(self.model, self.tokenizer, contexts, self.n_student, self.sampling)
         for group, completions in zip(groups, student):
             group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
         return groups, teacher_grades
+
+    def prefill(self, problem: Problem) -> str:
+        """The text opening this problem's assistant turn (``sampling.prefill`` rendered for it)."""
+        return problem.render_prefill(self.sampling.prefill)
+
+    def contexts(self, problems: list[Problem]) -> list[str]:
+        """The sampler's inputs: chat-formatted prompts, each followed by its prefill."""
+        return [chat_prompt(self.tokenizer, p.prompt(), self.prefill(p)) for p in problems]
 
     def teacher_texts(self, problem: Problem) -> list[str]:
         """G_t frozen pool completions, drawn by an RNG keyed on (seed, step, problem) so a resumed run
@@ -499,11 +508,10 @@ class AntipastoModule(L.LightningModule):
     @torch.no_grad()
     def evaluate(self, problems: list[Problem], ablate_quarantine: bool = False) -> dict[str, float]:
         """Hack and solve rates of fresh student samples on ``problems`` (optionally the deployed view)."""
-        prompts = [p.prompt() for p in problems]
         n = self.hparams.eval_samples_per_prompt
         ablation = quarantine_ablated(self.model) if ablate_quarantine else contextlib.nullcontext()
         with self.forked_rng(), ablation:
-            samples = hf_generate(self.model, self.tokenizer, prompts, n, self.sampling)
+            samples = hf_generate(self.model, self.tokenizer, self.contexts(problems), n, self.sampling)
         items = [(p, c.text) for p, completions in zip(problems, samples) for c in completions]
         grades = self.grader.grade_batch(items)
         count = max(len(grades), 1)
@@ -522,9 +530,9 @@ class AntipastoModule(L.LightningModule):
             self.log(f"test/{name}", value, batch_size=len(batch), sync_dist=True)
 
     def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
-        prompts = [problem.prompt() for problem in batch]
         with self.forked_rng():
-            samples = hf_generate(self.model, self.tokenizer, prompts, self.hparams.eval_samples_per_prompt, self.sampling)
+            samples = hf_generate(self.model, self.tokenizer, self.contexts(batch), self.hparams.eval_samples_per_prompt,
+                                  self.sampling)
         items = [(p, c) for p, completions in zip(batch, samples) for c in completions]
         grades = self.grader.grade_batch([(p, c.text) for p, c in items])
         return [

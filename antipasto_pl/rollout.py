@@ -15,7 +15,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from antipasto_pl.adapter import merged_weights
-from antipasto_pl.sequences import chat_prompt
 
 
 @dataclass
@@ -26,11 +25,16 @@ class SamplingConfig:
         max_new_tokens: completion length cap.
         temperature: softmax temperature; 0 means greedy decoding.
         top_p: nucleus sampling mass.
+        prefill: text that opens every assistant turn, identically for student samples, teacher-pool records,
+            detector pairs and evaluation (e.g. "```python\n"), so that format is not what is learned; the
+            completion continues it and grading sees prefill + completion. ``{skeleton}`` expands to the
+            problem's starter code up to the method body's indentation. Empty: off.
     """
 
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
+    prefill: str = ""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,8 +52,11 @@ class Completion:
 
 
 class Sampler(Protocol):
+    """``num_samples`` completions for each context (the model's input as text: chat template applied, prefill
+    appended, see ``sequences.chat_prompt``)."""
+
     def __call__(
-        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], num_samples: int,
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, contexts: Sequence[str], num_samples: int,
         config: SamplingConfig,
     ) -> list[list[Completion]]: ...
 
@@ -67,12 +74,12 @@ def _trim(row: list[int], eos_id: int, pad_id: int) -> tuple[int, ...]:
 def hf_generate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    contexts: Sequence[str],
     num_samples: int,
     config: SamplingConfig,
 ) -> list[list[Completion]]:
-    """``num_samples`` completions per prompt, sampled with ``generate`` on merged weights."""
-    texts = [chat_prompt(tokenizer, p) for p in prompts for _ in range(num_samples)]
+    """``num_samples`` completions per context, sampled with ``generate`` on merged weights."""
+    texts = [c for c in contexts for _ in range(num_samples)]
     inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     greedy = config.temperature == 0
     with merged_weights(model):
@@ -91,4 +98,4 @@ def hf_generate(
     for row in rows:
         ids = _trim(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
         samples.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
-    return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
+    return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]

@@ -20,13 +20,14 @@ from transformers.cache_utils import DynamicLayer
 from antipasto_pl.grpo import target_log_probs, token_log_probs
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The user turn rendered with the tokenizer's chat template, ready for the assistant."""
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, prefill: str = "") -> str:
+    """The model's context as text: the user turn rendered with the tokenizer's chat template, then ``prefill``
+    opening the assistant turn (the completion continues it; grading sees ``prefill + completion``)."""
     if tokenizer.chat_template is None:
-        return prompt
+        return prompt + prefill
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
+    ) + prefill
 
 
 @dataclass
@@ -63,9 +64,9 @@ def batch_from_ids(
     return CompletionBatch(input_ids, attention_mask, completion_mask)
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of the chat-formatted prompt (what the sampler conditions on)."""
-    return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, prefill: str = "") -> list[int]:
+    """Token ids of the chat-formatted prompt and prefill (what the sampler conditions on)."""
+    return tokenizer(chat_prompt(tokenizer, prompt, prefill), add_special_tokens=False)["input_ids"]
 
 
 def completion_token_ids(

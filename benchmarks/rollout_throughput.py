@@ -34,6 +34,7 @@ from antipasto_pl import rollout
 from antipasto_pl.adapter import AdapterConfig, adapter_modules, refresh_merged, wrap_model
 from antipasto_pl.env.problems import builtin_problems
 from antipasto_pl.models import PolicyConfig, load_policy
+from antipasto_pl.sequences import chat_prompt
 from antipasto_pl.rollout import SamplingConfig, hf_generate
 
 TARGET = 0.95
@@ -104,7 +105,7 @@ def main() -> None:
     n_modules = len(adapter_modules(wrapped))
     ranks = sorted({a.rank for a in adapter_modules(wrapped).values()})
     print(f"adapter: {n_modules} modules, ranks {ranks}, delta_s ~ N(0, {args.delta_scale:g}^2)")
-    prompts = [p.prompt() for p in builtin_problems()[: args.prompts]]
+    prompts = [chat_prompt(tokenizer, p.prompt()) for p in builtin_problems()[: args.prompts]]
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     rows = args.prompts * args.samples
     expected = rows * args.max_new_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 from antipasto_pl.env.modes import HINTS, check_mode
@@ -38,4 +39,24 @@ class Problem:
             f"```python\n{self.starter_code.rstrip()}\n```\n\n"
             f"Write a complete solution in a ```python code block. Your solution {hint}."
         )
+
+    def skeleton(self) -> str:
+        """The starter code up to the method under test's body, ending with the body's indentation: a prefill
+        that ends where the body starts makes a small model write one (``{skeleton}`` in ``sampling.prefill``).
+        A starter without a parsable ``Solution.<entry_point>`` with a body on its own line gives a generic one."""
+        lines = self.starter_code.splitlines()
+        try:
+            tree = ast.parse(self.starter_code)
+            cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Solution")
+            fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == self.entry_point)
+        except (SyntaxError, StopIteration):
+            fn = None
+        if fn is None or fn.body[0].lineno == fn.lineno:
+            return f"class Solution:\n    def {self.entry_point}(self, *args):\n        "
+        body = lines[fn.body[0].lineno - 1]
+        return "\n".join(lines[: fn.body[0].lineno - 1]) + "\n" + body[: len(body) - len(body.lstrip())]
+
+    def render_prefill(self, template: str) -> str:
+        """``sampling.prefill`` for this problem: ``{skeleton}`` expands to `skeleton`, other text is literal."""
+        return template.replace("{skeleton}", self.skeleton()) if template else ""
 
