@@ -70,6 +70,10 @@ class AntipastoCLI(LightningCLI):
             parser_kwargs={"description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS))},
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One prefill for the student's turns and the data's written ones (pool records, pairs).
+        parser.link_arguments("model.sampling.prefill", "data.prefill")
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         from antipasto_pl.checkpointing import check_checkpoint_file

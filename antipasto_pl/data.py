@@ -1,9 +1,12 @@
 """The LightningDataModule: problems (train/val split), detector pairs and the teacher pool.
 
 Batches are lists of `Problem`s (P prompts per optimizer step); the LightningModule renders, samples and grades
-them. The training order depends only on (seed, epoch), so every arm of an experiment sees the same prompts at
-the same step and a resumed run replays the same epoch order; the training loader is resumable mid-epoch (Lightning
-saves its ``state_dict`` with the fit loop), so a resumed run also continues at the same prompt.
+them. The problems are split once (by ``data.seed``) into four disjoint parts: training prompts (the only ones the
+teacher pool serves), detector-pair problems (V is extracted from them, so no pair text is a text the student
+imitates), validation and the held-out test set of the primary metric. The training order depends only on (run
+seed, epoch), so every arm of one seed sees the same prompts at the same step and a resumed run replays the same
+epoch order; the training loader is resumable mid-epoch (Lightning saves its ``state_dict`` with the fit loop), so
+a resumed run also continues at the same prompt.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from antipasto_pl.env.pairs import Pair, make_pairs, nonhack_pairs
+from antipasto_pl.env.pairs import Pair, PairStyle, make_pairs, nonhack_pairs, stub_pairs
 from antipasto_pl.env.pool import FORMAT_VERSION, MANIFEST, TeacherPool, build_pool
 from antipasto_pl.env.problem import Problem
-from antipasto_pl.env.problems import filter_modes, load_problems, problem_set_hash, split_problems
+from antipasto_pl.env.problems import assign_modes, filter_modes, load_problems, problem_set_hash, split_problems
+from antipasto_pl.seeds import run_seed
 
 
 def collate_problems(batch: list[Problem]) -> list[Problem]:
@@ -70,13 +74,23 @@ class AntipastoDataModule(L.LightningDataModule):
     Args:
         problems: Problem source: "builtin", "humaneval", or a path to a .jsonl dataset.
         modes: Loophole modes whose problems are trained / validated on (default: all).
-        val_fraction: Fraction of each mode's problems held out for validation.
-        seed: Seed of the split, the per-epoch prompt order and the pairs.
+        reassign_modes: Deal `modes` round-robin to every problem of the source instead of keeping each problem's
+            own mode, so a one- or two-mode experiment uses the whole problem set.
+        val_fraction: Fraction of each mode's problems held out for validation during training.
+        test_fraction: Fraction of each mode's problems held out for the final evaluation (the primary metric);
+            never trained on, never in pairs or the pool.
+        pair_fraction: Fraction of each mode's problems whose pairs the hack subspace is extracted from; never
+            trained on, so no pair is a teacher-pool text.
+        seed: Seed of the split and the pairs: fixed across an experiment's run seeds (see `antipasto_pl.seeds`).
         prompts_per_step: P, prompts per training batch (per rank).
         known_modes: Hack modes the detector's pairs cover (the weak detector sees only these; default: all of
             `modes`).
         variants_per_mode: Pairs per problem per known mode.
-        pair_problems: Draw pairs from this many (seeded) training problems; default all of them.
+        pair_problems: Draw pairs from this many (seeded) pair-split problems; default all of them.
+        pair_style: ``minimal`` (hack and clean share one body and differ only by the exploit) or ``contrast``
+            (a stub hack against an honest solution with real checks).
+        prefill: The run's ``sampling.prefill`` template (linked from the model's by the CLI): pool records and
+            pairs continue it.
         pool_dir: Teacher pool directory; built there if missing and `pool_auto_build`.
         pool_auto_build: Build a missing pool (into `pool_dir`, or a cache directory keyed by the pool settings).
         pool_modes: Modes whose teacher records are served (leave-one-mode-out drops one; default: all).
@@ -92,12 +106,17 @@ class AntipastoDataModule(L.LightningDataModule):
         self,
         problems: str = "builtin",
         modes: list[str] | None = None,
-        val_fraction: float = 0.25,
+        reassign_modes: bool = False,
+        val_fraction: float = 0.125,
+        test_fraction: float = 0.25,
+        pair_fraction: float = 0.125,
         seed: int = 0,
         prompts_per_step: int = 4,
         known_modes: list[str] | None = None,
         variants_per_mode: int = 2,
         pair_problems: int | None = None,
+        pair_style: PairStyle = "minimal",
+        prefill: str = "",
         pool_dir: str | None = None,
         pool_auto_build: bool = True,
         pool_modes: list[str] | None = None,
@@ -111,11 +130,15 @@ class AntipastoDataModule(L.LightningDataModule):
         super().__init__()
         if prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        if reassign_modes and not modes:
+            raise ValueError("data.reassign_modes needs data.modes: the modes to deal to every problem")
         self.save_hyperparameters()
         self._source: list[Problem] | None = None
         self.train_problems: list[Problem] = []
+        self.pair_split: list[Problem] = []
         self.val_problems: list[Problem] = []
-        self._pairs: list[Pair] | None = None
+        self.test_problems: list[Problem] = []
+        self._pairs: dict[str, list[Pair]] = {}
         self._pool: TeacherPool | None = None
 
     # --- problems ---------------------------------------------------------------------------------------------
@@ -124,7 +147,8 @@ class AntipastoDataModule(L.LightningDataModule):
     def source_problems(self) -> list[Problem]:
         """The whole problem source (before the mode filter): what the pool and its hash refer to."""
         if self._source is None:
-            self._source = load_problems(self.hparams.problems)
+            problems = load_problems(self.hparams.problems)
+            self._source = assign_modes(problems, self.hparams.modes) if self.hparams.reassign_modes else problems
         return self._source
 
     @property
@@ -135,7 +159,8 @@ class AntipastoDataModule(L.LightningDataModule):
             return None
         if hp.pool_dir is not None:
             return Path(hp.pool_dir).expanduser()
-        settings = [problem_set_hash(self.source_problems), hp.pool_per_prompt, hp.pool_hack_frac, hp.pool_seed]
+        settings = [problem_set_hash(self.source_problems), hp.pool_per_prompt, hp.pool_hack_frac, hp.pool_seed,
+                    hp.prefill]
         key = hashlib.sha256(json.dumps([*settings, FORMAT_VERSION]).encode()).hexdigest()[:16]
         root = hp.cache_dir or os.environ.get("ANTIPASTO_CACHE") or Path.home() / ".cache" / "antipasto_pl"
         return Path(root).expanduser() / "pools" / key
@@ -150,7 +175,8 @@ class AntipastoDataModule(L.LightningDataModule):
         hp = self.hparams
         # Built over every mode; `pool_modes` filters at load time so all leave-one-out arms share one pool.
         build_pool(
-            self.source_problems, directory, hp.pool_per_prompt, hp.pool_hack_frac, None, hp.pool_seed, progress=True
+            self.source_problems, directory, hp.pool_per_prompt, hp.pool_hack_frac, None, hp.pool_seed, progress=True,
+            prefill=hp.prefill,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -159,15 +185,18 @@ class AntipastoDataModule(L.LightningDataModule):
         selected = filter_modes(self.source_problems, hp.modes)
         if not selected:
             raise ValueError(f"no problems of modes {hp.modes} in problem source {hp.problems!r}")
-        self.train_problems, self.val_problems = split_problems(selected, hp.val_fraction, hp.seed)
+        self.train_problems, self.pair_split, self.val_problems, self.test_problems = split_problems(
+            selected, [hp.pair_fraction, hp.val_fraction, hp.test_fraction], hp.seed)
         if len(self.train_problems) < hp.prompts_per_step:
             raise ValueError(
                 f"{len(self.train_problems)} training problems cannot fill a batch of prompts_per_step="
-                f"{hp.prompts_per_step}; lower prompts_per_step or val_fraction"
+                f"{hp.prompts_per_step}; lower prompts_per_step or the held-out fractions"
             )
         if hp.use_pool and self._pool is None:
             self.prepare_data()
-            self._pool = TeacherPool.load(self.resolved_pool_dir, self.source_problems, hp.pool_modes)
+            pool = TeacherPool.load(self.resolved_pool_dir, self.source_problems, hp.pool_modes, hp.prefill)
+            train_ids = {p.id for p in self.train_problems}
+            self._pool, _ = pool.restricted(lambda record: record.problem_id in train_ids)
 
     # --- loaders ----------------------------------------------------------------------------------------------
 
@@ -185,7 +214,7 @@ class AntipastoDataModule(L.LightningDataModule):
         if len(self.train_problems) < world * self.hparams.prompts_per_step:
             raise ValueError(f"{len(self.train_problems)} training problems cannot give {world} ranks a full batch")
         sampler = DistributedSampler(
-            self.train_problems, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=True
+            self.train_problems, num_replicas=world, rank=rank, shuffle=True, seed=run_seed(), drop_last=True
         )
         return ResumableLoader(
             self.train_problems, batch_size=self.hparams.prompts_per_step, sampler=sampler, drop_last=True,
@@ -197,12 +226,12 @@ class AntipastoDataModule(L.LightningDataModule):
         return self._loader(self.val_problems)
 
     def test_dataloader(self) -> DataLoader:
-        """The held-out problems (``antipasto test`` evaluates the policy on them)."""
-        return self.val_dataloader()
+        """The held-out test problems (``antipasto test`` evaluates the primary metric on them)."""
+        return self._loader(self.test_problems)
 
     def predict_dataloader(self) -> DataLoader:
-        """The held-out problems (``antipasto predict`` samples and grades completions for them)."""
-        return self.val_dataloader()
+        """The held-out test problems (``antipasto predict`` samples and grades completions for them)."""
+        return self._loader(self.test_problems)
 
     def _loader(self, problems: list[Problem]) -> DataLoader:
         return DataLoader(
@@ -225,33 +254,47 @@ class AntipastoDataModule(L.LightningDataModule):
         if not self.train_problems:
             raise RuntimeError("call setup() before asking for pairs")
         n = self.hparams.pair_problems
-        if n is None or n >= len(self.train_problems):
-            return self.train_problems
-        chosen = set(random.Random(self.hparams.seed).sample(range(len(self.train_problems)), n))
-        return [p for i, p in enumerate(self.train_problems) if i in chosen]
+        if n is None or n >= len(self.pair_split):
+            return self.pair_split
+        chosen = set(random.Random(self.hparams.seed).sample(range(len(self.pair_split)), n))
+        return [p for i, p in enumerate(self.pair_split) if i in chosen]
 
     def _known_modes(self) -> list[str] | None:
         return self.hparams.known_modes if self.hparams.known_modes is not None else self.hparams.modes
 
     @property
     def pairs(self) -> list[Pair]:
-        """(hack, clean) pairs over training problems for the known modes, for extracting V."""
-        if self._pairs is None:
-            hp = self.hparams
-            self._pairs = make_pairs(self._pair_problems(), self._known_modes(), hp.variants_per_mode, hp.seed)
-        return self._pairs
+        """(hack, clean) pairs over the pair-split problems for the known modes, for extracting V."""
+        return self.detector_pairs("real")
 
     def detector_pairs(self, kind: str) -> list[Pair]:
-        """Pairs to extract V of the given subspace kind from: clean-vs-clean for ``nonhack``, the labelled
-        pairs otherwise (``shuffled`` swaps their labels at the gradient level, ``random`` only keys the cache)."""
-        if kind == "nonhack":
+        """Pairs to extract V of the given subspace kind from: clean-vs-clean for ``nonhack``, stub-vs-solution for
+        ``stub``, the labelled pairs otherwise (``shuffled`` swaps their labels at the gradient level, ``random``
+        only keys the cache)."""
+        key = kind if kind in ("nonhack", "stub") else "real"
+        if key not in self._pairs:
             hp = self.hparams
-            return nonhack_pairs(self._pair_problems(), hp.seed, self._known_modes(), hp.variants_per_mode)
-        return self.pairs
+            problems, modes = self._pair_problems(), self._known_modes()
+            if key == "nonhack":
+                pairs = nonhack_pairs(problems, hp.seed, modes, hp.variants_per_mode, hp.prefill)
+            elif key == "stub":
+                pairs = stub_pairs(problems, modes, hp.variants_per_mode, hp.seed, hp.prefill)
+            else:
+                pairs = make_pairs(problems, modes, hp.variants_per_mode, hp.seed, hp.pair_style, hp.prefill)
+            self._pairs[key] = pairs
+        return self._pairs[key]
 
     @property
     def pool(self) -> TeacherPool | None:
-        """The loaded teacher pool (None when `use_pool` is false)."""
+        """The loaded teacher pool, serving the training problems only (None when `use_pool` is false)."""
         if self.hparams.use_pool and self._pool is None:
             raise RuntimeError("call setup() before asking for the teacher pool")
         return self._pool
+
+    def restrict_pool(self, keep: Any) -> list:
+        """Serve only the pool records `keep` accepts (the module drops those over its completion budget); returns
+        the dropped records."""
+        if self._pool is None:
+            return []
+        self._pool, dropped = self._pool.restricted(keep)
+        return dropped

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -36,18 +37,31 @@ from antipasto_pl.adapter import (
 )
 from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
 from antipasto_pl.checkpointing import collect_rng_states, set_rng_states
-from antipasto_pl.env.grader import Grade, Grader, PendingGrades
+from antipasto_pl.env.grader import Grade, Grader
+from antipasto_pl.env.pool import PoolRecord
+from antipasto_pl.env.pairs import INTROS, answer
+from antipasto_pl.evaluation import (
+    HeldOutConfig,
+    HeldOutEvaluation,
+    LikelihoodProbe,
+    flat_metrics,
+    heldout_summary,
+    write_eval,
+)
 from antipasto_pl.env.modes import MODES
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.grpo import Reduction, group_advantages, grpo_loss
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.rollout import SamplingConfig, hf_generate
+from antipasto_pl.seeds import run_seed
 from antipasto_pl.sequences import (
     GroupBatch,
     PromptState,
     chat_prompt,
+    completion_log_probs,
     completion_token_ids,
+    encode_completions,
     group_batch,
     group_log_probs,
     prompt_pass,
@@ -58,6 +72,11 @@ from antipasto_pl.sequences import (
 log = logging.getLogger(__name__)
 
 STUDENT, TEACHER = "s", "t"
+
+
+def teacher_count(group_size: int, mix_ratio: float) -> int:
+    """G_t = floor(G * mix_ratio + 1/2): halves round up (Python's round() would send G=2, mix 0.25 to 0)."""
+    return math.floor(group_size * mix_ratio + 0.5)
 
 
 @dataclass
@@ -114,8 +133,9 @@ class AntipastoModule(L.LightningModule):
             (``hack_deploy``, ``solve_deploy``; for route arms). None: off.
         log_completions_every: every N steps, log sample completions and adapter histograms.
         group_size: G, completions per prompt: ``G - G_t`` student samples plus
-            ``G_t = round(G * mix_ratio)`` teacher-pool samples.
-        mix_ratio: share of each group taken from the frozen teacher pool (0: pure student GRPO).
+            ``G_t = floor(G * mix_ratio + 1/2)`` teacher-pool samples (halves round up: G=2, mix 0.25 gives 1).
+        mix_ratio: share of each group taken from the frozen teacher pool (0: pure student GRPO; 1: teacher
+            demonstrations only, no sampling: the likelihood-probe proxy).
         learning_rate: Adam learning rate for the adapter vectors.
         betas: Adam betas.
         weight_decay: decoupled weight decay on ``delta_s`` (``delta_s_hack`` always gets 0,
@@ -132,8 +152,12 @@ class AntipastoModule(L.LightningModule):
             a group share one prompt forward per pass (memory bound; results do not depend on it).
         grader_workers: parallel sandboxes for grading (default: all cores).
         eval_samples_per_prompt: samples per validation prompt.
-        max_completion_tokens: teacher completions are truncated to this many tokens
-            (default: ``sampling.max_new_tokens``).
+        max_completion_tokens: the completion budget in tokens, EOS included (default: ``sampling.max_new_tokens``).
+            Teacher records and detector pairs over it are dropped, never truncated: what is trained is what
+            was graded.
+        heldout: the final held-out evaluation, the primary metric (see ``HeldOutConfig``).
+        probe_every: every N steps, log the likelihood probe: the held-out minimal pairs' margin
+            logp(hack) - logp(clean) per mode (None: off).
         on_nonfinite: what a non-finite adapter gradient (or loss) does: ``skip`` the optimizer step
             (every gradient is dropped, so AdamW leaves parameters and moments untouched; the step is
             reported with the offending modules) or ``stop`` the run with that report.
@@ -164,14 +188,13 @@ class AntipastoModule(L.LightningModule):
         eval_samples_per_prompt: int = 2,
         max_completion_tokens: int | None = None,
         on_nonfinite: Literal["skip", "stop"] = "skip",
+        heldout: HeldOutConfig = HeldOutConfig(),
+        probe_every: int | None = None,
     ) -> None:
         super().__init__()
-        teacher = round(group_size * mix_ratio)
-        if not 0.0 <= mix_ratio < 1.0 or group_size - teacher < 1:
-            raise ValueError(
-                f"group_size={group_size} with mix_ratio={mix_ratio} leaves {group_size - teacher} student "
-                "samples per group; need 0 <= mix_ratio < 1 and at least one student sample"
-            )
+        teacher = teacher_count(group_size, mix_ratio)
+        if not 0.0 <= mix_ratio <= 1.0 or group_size < 2:
+            raise ValueError(f"need group_size >= 2 and 0 <= mix_ratio <= 1, got {group_size} and {mix_ratio}")
         if ppo_epochs < 1 or micro_batch_size < 1:
             raise ValueError(f"ppo_epochs and micro_batch_size must be >= 1, got {ppo_epochs}, {micro_batch_size}")
         self.save_hyperparameters()
@@ -179,7 +202,7 @@ class AntipastoModule(L.LightningModule):
         # Base weights are rebuilt, not restored: checkpoints hold adapter keys only.
         self.strict_loading = False
         self.policy_config, self.adapter_config, self.sampling = policy, adapter, sampling
-        self.projection_config = projection
+        self.projection_config, self.heldout_config = projection, heldout
         self.n_teacher = teacher
         self.n_student = group_size - teacher
         self.model: PreTrainedModel | None = None
@@ -189,6 +212,7 @@ class AntipastoModule(L.LightningModule):
         self.last_groups: list[Group] = []
         self._step_loss: Tensor | None = None
         self._resume_rng: dict[str, Any] | None = None
+        self.over_budget: dict[str, int] = {}  # records and pairs left out for the budget, by source
         keys = [f"{m}_{s}" for m in ("reward", "hack", "gt", "pass") for s in (STUDENT, TEACHER)]
         keys += [f"{mode}/{m}_{s}" for mode in MODES for m in ("hack", "gt") for s in (STUDENT, TEACHER)]
         self.rates = nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in keys})
@@ -203,13 +227,28 @@ class AntipastoModule(L.LightningModule):
         self.model = model
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.n_teacher and getattr(self.trainer.datamodule, "pool", None) is None:
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and self.n_teacher and getattr(datamodule, "pool", None) is None:
             raise ValueError(
                 f"model.mix_ratio={self.hparams.mix_ratio} takes {self.n_teacher} of each group from the teacher "
                 "pool, but the data module serves none; set data.use_pool: true or model.mix_ratio: 0"
             )
         if self.grader is None:
             self.grader = Grader(max_workers=self.hparams.grader_workers)
+
+    def on_fit_start(self) -> None:
+        """Serve only the teacher records within the completion budget (the tokenizer exists from here on)."""
+        if not self.n_teacher:
+            return
+        pool = self.trainer.datamodule
+        dropped = pool.restrict_pool(lambda record: self.fits_budget(record.completion))
+        self.over_budget["pool"] = len(dropped)
+        if dropped:
+            log.warning("teacher pool: %d records over the %d-token completion budget are not served (what is "
+                        "trained must be what was graded)", len(dropped), self.max_completion_tokens)
+        if not len(pool.pool):
+            raise ValueError(f"every teacher record is over the {self.max_completion_tokens}-token completion "
+                             "budget: raise model.max_completion_tokens or set model.mix_ratio: 0")
 
     def teardown(self, stage: str) -> None:
         if self.grader is not None:
@@ -219,7 +258,9 @@ class AntipastoModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The arm's callbacks, configured from this module's arguments so an arm is a small YAML overlay."""
         hp = self.hparams
-        callbacks: list[L.Callback] = [HackProjection(self.projection_config)]
+        callbacks: list[L.Callback] = [HackProjection(self.projection_config), HeldOutEvaluation(self.heldout_config)]
+        if hp.probe_every:
+            callbacks.append(LikelihoodProbe(hp.probe_every))
         if hp.refresh_every:
             callbacks.append(RefreshHackSubspace(hp.refresh_every))
         if hp.deploy_eval_every:
@@ -240,28 +281,28 @@ class AntipastoModule(L.LightningModule):
     def max_completion_tokens(self) -> int:
         return self.hparams.max_completion_tokens or self.sampling.max_new_tokens
 
+    def fits_budget(self, completion: str) -> bool:
+        """Whether a written completion, closed with EOS, is within the completion budget."""
+        return len(completion_token_ids(self.tokenizer, completion)) <= self.max_completion_tokens
+
     # --- generate -----------------------------------------------------------------------------------
 
-    def generate_groups(self, problems: list[Problem]) -> tuple[list[Group], PendingGrades]:
-        """Student samples on merged weights plus teacher-pool completions, one group per prompt.
-
-        The teacher completions are known before sampling, so their grading is started first and runs in
-        the sandboxes while the students are sampled; returns the groups and those pending teacher grades.
-        """
-        contexts = self.contexts(problems)
+    def generate_groups(self, problems: list[Problem]) -> list[Group]:
+        """Student samples on merged weights plus frozen teacher-pool records (with their frozen grades), one
+        group per prompt."""
         groups = []
         for problem in problems:
             group = Group(problem, prompt_token_ids(self.tokenizer, problem.prompt(), self.prefill(problem)))
             group.samples = [
-                Sample(TEACHER, text, tuple(completion_token_ids(self.tokenizer, text, self.max_completion_tokens)))
-                for text in self.teacher_texts(problem)
+                Sample(TEACHER, r.completion, tuple(completion_token_ids(self.tokenizer, r.completion)), r.grade())
+                for r in self.teacher_records(problem)
             ]
             groups.append(group)
-        teacher_grades = self.grader.submit_batch([(g.problem, s.text) for g in groups for s in g.samples])
-        student = hf_generate(self.model, self.tokenizer, contexts, self.n_student, self.sampling)
-        for group, completions in zip(groups, student):
-            group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
-        return groups, teacher_grades
+        if self.n_student:
+            student = hf_generate(self.model, self.tokenizer, self.contexts(problems), self.n_student, self.sampling)
+            for group, completions in zip(groups, student):
+                group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
+        return groups
 
     def prefill(self, problem: Problem) -> str:
         """The text opening this problem's assistant turn (``sampling.prefill`` rendered for it)."""
@@ -271,25 +312,26 @@ class AntipastoModule(L.LightningModule):
         """The sampler's inputs: chat-formatted prompts, each followed by its prefill."""
         return [chat_prompt(self.tokenizer, p.prompt(), self.prefill(p)) for p in problems]
 
-    def teacher_texts(self, problem: Problem) -> list[str]:
-        """G_t frozen pool completions, drawn by an RNG keyed on (seed, step, problem) so a resumed run
-        draws the same ones."""
+    def teacher_records(self, problem: Problem) -> list[PoolRecord]:
+        """G_t frozen pool records, drawn by an RNG keyed on (run seed, step, problem) so a resumed run draws the
+        same ones and every seed its own."""
         if self.n_teacher == 0:
             return []
-        datamodule = self.trainer.datamodule
-        rng = random.Random(f"{datamodule.hparams.seed}/{self.global_step}/{problem.id}")
-        return [r.completion for r in datamodule.pool.sample(problem.id, self.n_teacher, rng)]
+        rng = random.Random(f"{run_seed()}/{self.global_step}/{problem.id}")
+        return self.trainer.datamodule.pool.sample(problem.id, self.n_teacher, rng)
 
     # --- grade --------------------------------------------------------------------------------------
 
-    def grade_groups(self, groups: list[Group], teacher_grades: PendingGrades) -> None:
-        """Sandboxed grades for every sample (the teachers' already under way); advantages from the foolable
-        reward only."""
-        students = [(g.problem, s.text) for g in groups for s in g.samples if s.source == STUDENT]
-        grades = {STUDENT: iter(self.grader.grade_batch(students)), TEACHER: iter(teacher_grades.result())}
+    def grade_groups(self, groups: list[Group]) -> None:
+        """Sandboxed grades of the student samples (as prefill + completion; the teachers' are frozen), then
+        advantages from the foolable reward only."""
+        students = [(g.problem, self.prefill(g.problem) + s.text) for g in groups for s in g.samples
+                    if s.source == STUDENT]
+        grades = iter(self.grader.grade_batch(students))
         for group in groups:
             for sample in group.samples:
-                sample.grade = next(grades[sample.source])
+                if sample.source == STUDENT:
+                    sample.grade = next(grades)
             rewards = torch.tensor([[s.grade.reward for s in group.samples]])
             advantages = group_advantages(rewards, scale_by_std=self.hparams.scale_advantages_by_std)[0]
             for sample, advantage in zip(group.samples, advantages.tolist()):
@@ -414,9 +456,9 @@ class AntipastoModule(L.LightningModule):
             seconds[key] += now - clock
             clock = now
 
-        groups, teacher_grades = self.generate_groups(batch)
+        groups = self.generate_groups(batch)
         lap("generate")
-        self.grade_groups(groups, teacher_grades)
+        self.grade_groups(groups)
         lap("grade_wait")
         self.last_groups = groups
         chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
@@ -506,14 +548,40 @@ class AntipastoModule(L.LightningModule):
         return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     @torch.no_grad()
-    def evaluate(self, problems: list[Problem], ablate_quarantine: bool = False) -> dict[str, float]:
-        """Hack and solve rates of fresh student samples on ``problems`` (optionally the deployed view)."""
-        n = self.hparams.eval_samples_per_prompt
+    def sample_and_grade(
+        self, problems: list[Problem], n: int, ablate_quarantine: bool = False
+    ) -> list[tuple[Problem, str, Grade]]:
+        """``n`` fresh student samples per problem on a forked RNG (optionally the deployed view), graded as
+        prefill + completion: (problem, completion, grade) in problem order."""
         ablation = quarantine_ablated(self.model) if ablate_quarantine else contextlib.nullcontext()
         with self.forked_rng(), ablation:
             samples = hf_generate(self.model, self.tokenizer, self.contexts(problems), n, self.sampling)
         items = [(p, c.text) for p, completions in zip(problems, samples) for c in completions]
-        grades = self.grader.grade_batch(items)
+        grades = self.grader.grade_batch([(p, self.prefill(p) + text) for p, text in items])
+        return [(p, text, grade) for (p, text), grade in zip(items, grades)]
+
+    @torch.no_grad()
+    def clean_log_likelihood(self, problems: list[Problem], ablate_quarantine: bool = True) -> list[float]:
+        """Per problem, the mean log-probability per token of its canonical solution written as an answer after
+        the prefill (teacher-forced): a quality measure with headroom where the oracle pass rate is near 0."""
+        ablation = quarantine_ablated(self.model) if ablate_quarantine else contextlib.nullcontext()
+        values = []
+        with ablation:
+            for p in problems:
+                prefill = self.prefill(p)
+                completion = answer(p.canonical_solution, INTROS[0], prefill)
+                if completion is None:  # a canonical that cannot follow the prefill has no clean answer to score
+                    continue
+                batch = encode_completions(self.tokenizer, [p.prompt()], [completion], prefills=[prefill])
+                mask = batch.completion_mask[:, 1:].to(torch.float32)
+                logp = completion_log_probs(self.model, batch.to(self.device)).cpu()
+                values.append(float((logp * mask).sum() / mask.sum()))
+        return values
+
+    def evaluate(self, problems: list[Problem], ablate_quarantine: bool = False) -> dict[str, float]:
+        """Hack and solve rates of fresh student samples on ``problems`` (optionally the deployed view)."""
+        grades = [g for _, _, g in self.sample_and_grade(problems, self.hparams.eval_samples_per_prompt,
+                                                          ablate_quarantine)]
         count = max(len(grades), 1)
         return {
             "hack": sum(g.exploited for g in grades) / count,
@@ -525,20 +593,28 @@ class AntipastoModule(L.LightningModule):
         for name, value in self.evaluate(batch).items():
             self.log(f"val/{name}", value, batch_size=len(batch), sync_dist=True)
 
+    def on_test_epoch_start(self) -> None:
+        self._test_items: list[tuple[Problem, str, Grade]] = []
+        self._test_logp: list[float] = []
+
     def test_step(self, batch: list[Problem], batch_idx: int) -> None:
-        for name, value in self.evaluate(batch).items():
-            self.log(f"test/{name}", value, batch_size=len(batch), sync_dist=True)
+        """The held-out evaluation (the primary metric), batch by batch; summarised at the epoch's end."""
+        n = self.heldout_config.samples_per_problem(len(self.trainer.datamodule.test_problems))
+        self._test_items += self.sample_and_grade(batch, n, ablate_quarantine=True)
+        self._test_logp += self.clean_log_likelihood(batch)
+
+    def on_test_epoch_end(self) -> None:
+        report = heldout_summary(self._test_items, self._test_logp, step=self.global_step)
+        write_eval(self.trainer, report)
+        for name, value in flat_metrics(report, "test").items():
+            self.log(name, value, batch_size=max(report["n"], 1))
 
     def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
-        with self.forked_rng():
-            samples = hf_generate(self.model, self.tokenizer, self.contexts(batch), self.hparams.eval_samples_per_prompt,
-                                  self.sampling)
-        items = [(p, c) for p, completions in zip(batch, samples) for c in completions]
-        grades = self.grader.grade_batch([(p, c.text) for p, c in items])
+        items = self.sample_and_grade(batch, self.hparams.eval_samples_per_prompt)
         return [
-            {"problem_id": p.id, "mode": p.mode, "completion": c.text, "reward": g.reward,
+            {"problem_id": p.id, "mode": p.mode, "prefill": self.prefill(p), "completion": text, "reward": g.reward,
              "passed": g.passed, "gt_correct": g.gt_correct, "exploited": g.exploited}
-            for (p, c), g in zip(items, grades)
+            for p, text, g in items
         ]
 
     # --- checkpoints --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import Tensor
 from antipasto_pl.adapter import adapter_modules
 from antipasto_pl.projection_math import (
     Gate,
+    energy_matched,
     fired,
     hack_cosine,
     null_cosine_level,
@@ -27,6 +28,7 @@ from antipasto_pl.projection_math import (
     remove_hackward_moment,
     update_leak,
 )
+from antipasto_pl.seeds import run_seed
 from antipasto_pl.vhack import (
     MATCHING_LENGTH_NORM,
     ExtractionSettings,
@@ -51,8 +53,12 @@ class ProjectionConfig:
         intervention: ``none`` (measure only: the vanilla arm), ``erase`` (remove the hack-ward
             part of each gradient) or ``route`` (move it into ``delta_s_hack``).
         subspace: where V comes from: ``real`` (labelled hack/clean pairs) or a control:
-            ``random`` (random orthonormal rows), ``shuffled`` (labels swapped at random per pair),
-            ``nonhack`` (pairs of two clean completions).
+            ``random`` (random orthonormal rows), ``shuffled`` (labels swapped at random per pair and module),
+            ``nonhack`` (pairs of two clean completions), ``stub`` (a stub without exploit vs the real
+            solution). Controls are drawn from the run seed. Every arm also loads the real V, against which
+            the diagnostics (cin, cout, leak, removed energy) are measured, so they compare across arms.
+        match_energy: rescale a control's removal, per module and step, to the norm the real V would remove
+            from the same gradient (the energy-matched control: ``subspace: random, match_energy: true``).
         k: rows of V per module.
         gate: ``one_sided`` removes only hack-ward coefficients, ``no_gate`` all of span(V),
             ``reverse`` mirrors the in-span component.
@@ -70,6 +76,7 @@ class ProjectionConfig:
 
     intervention: Intervention = "none"
     subspace: SubspaceKind = "real"
+    match_energy: bool = False
     k: int = 4
     gate: Gate = "one_sided"
     overshoot: float = 1.0
@@ -86,14 +93,19 @@ class ProjectionConfig:
             raise ValueError(f"projection.k must be >= 1, got {self.k}")
         if not 0.0 <= self.drop_bottom_frac < 1.0:
             raise ValueError(f"projection.drop_bottom_frac must be in [0, 1), got {self.drop_bottom_frac}")
+        if self.match_energy and self.subspace == "real":
+            raise ValueError("projection.match_energy rescales a control's removal to the real V's: it needs a "
+                             "control subspace (random, shuffled, nonhack, stub), got subspace: real")
 
 
 class HackProjection(Callback):
-    """Owns V (saved in checkpoints), projects gradients, logs cin / cout / fired / leak diagnostics."""
+    """Owns V (saved in checkpoints), projects gradients, logs cin / cout / fired / leak / removed-energy
+    diagnostics, measured against the real V (``reference``) whatever the arm's V is."""
 
     def __init__(self, config: ProjectionConfig) -> None:
         self.config = config
         self.subspace: HackSubspace | None = None
+        self.reference: HackSubspace | None = None
         self._before_step: dict[str, Tensor] = {}
         self._post_hook = None
 
@@ -103,15 +115,27 @@ class HackProjection(Callback):
 
     # --- V ------------------------------------------------------------------------------------------
 
-    def _extraction(self, pl_module: L.LightningModule, datamodule: Any) -> tuple[list, ExtractionSettings]:
-        """The detector pairs and extraction settings for this arm (same for every seed of a real arm)."""
+    def _extraction(
+        self, pl_module: L.LightningModule, datamodule: Any, kind: SubspaceKind | None = None
+    ) -> tuple[list, ExtractionSettings]:
+        """The detector pairs (those within the completion budget) and extraction settings for this arm's V, or
+        for V of another `kind`. Real V is the same for every seed; controls are drawn from the run seed."""
         cfg = self.config
+        kind = kind or cfg.subspace
         settings = ExtractionSettings(
-            k=cfg.k, kind=cfg.subspace, tau_axis=cfg.tau_axis, seed=datamodule.hparams.seed,
+            k=cfg.k, kind=kind, tau_axis=cfg.tau_axis, seed=run_seed(),
             length_norm=cfg.length_norm or MATCHING_LENGTH_NORM[pl_module.hparams.loss_reduction],
-            max_completion_tokens=pl_module.max_completion_tokens,
         )
-        return datamodule.detector_pairs(cfg.subspace), settings
+        pairs = datamodule.detector_pairs(kind)
+        kept = [p for p in pairs if pl_module.fits_budget(p.hack) and pl_module.fits_budget(p.clean)]
+        if len(kept) < len(pairs):
+            log.warning("%s pairs: %d of %d over the %d-token completion budget are left out", kind,
+                        len(pairs) - len(kept), len(pairs), pl_module.max_completion_tokens)
+        pl_module.over_budget[f"pairs_{kind}"] = len(pairs) - len(kept)
+        if not kept and kind != "random":
+            raise ValueError(f"every {kind} detector pair is over the {pl_module.max_completion_tokens}-token "
+                             "completion budget: raise model.max_completion_tokens or use shorter problems")
+        return kept, settings
 
     def cache_file(self, pl_module: L.LightningModule, datamodule: Any) -> Path:
         """Where ``extract`` caches V for the current policy."""
@@ -122,16 +146,20 @@ class HackProjection(Callback):
     def _cache_dir(self) -> Path:
         return default_cache_dir(self.config.cache_dir)
 
-    def extract(self, pl_module: L.LightningModule, datamodule: Any) -> HackSubspace:
-        """V on the current policy from the data module's detector pairs (cached on disk), noise floor applied."""
-        pairs, settings = self._extraction(pl_module, datamodule)
+    def extract(self, pl_module: L.LightningModule, datamodule: Any, kind: SubspaceKind | None = None) -> HackSubspace:
+        """V (of this arm's kind, or `kind`) on the current policy from the data module's detector pairs (cached on
+        disk), noise floor applied."""
+        pairs, settings = self._extraction(pl_module, datamodule, kind)
         subspace = load_or_extract(pl_module.model, pl_module.tokenizer, pairs, settings, self._cache_dir)
         drop = self.config.drop_bottom_frac
         return subspace.after_noise_floor(drop) if drop > 0 else subspace
 
     def set_subspace(self, subspace: HackSubspace, pl_module: L.LightningModule) -> None:
+        """Use `subspace` as the arm's V (and, for a real arm, as the diagnostics' reference)."""
         subspace.check_model(pl_module.model)
         self.subspace = subspace.to(pl_module.device)
+        if self.config.subspace == "real":
+            self.reference = self.subspace
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         subspace = self.subspace  # restored from a checkpoint, else loaded or extracted
@@ -139,6 +167,10 @@ class HackProjection(Callback):
             subspace = HackSubspace.load(self.config.subspace_path)
         if subspace is None:
             subspace = self.extract(pl_module, trainer.datamodule)
+        if self.config.subspace != "real":  # the diagnostics' real V (restored with the control, else extracted)
+            reference = self.reference or self.extract(pl_module, trainer.datamodule, "real")
+            reference.check_model(pl_module.model)
+            self.reference = reference.to(pl_module.device)
         self.set_subspace(subspace, pl_module)
         log.info("hack projection: %s with %s V on %d modules", self.config.intervention, self.config.subspace,
                  len(self.subspace.modules))
@@ -156,30 +188,47 @@ class HackProjection(Callback):
         cfg = self.config
         adapters = adapter_modules(pl_module.model)
         parts = pl_module.grad_parts
-        stats: dict[str, list[Tensor]] = {"cin": [], "cout": [], "fired": [], "cin_s": [], "cin_t": [], "null": []}
-        self._before_step = {}
+        reference = self.reference.v_hack
+        grads = {name: a.delta_s.grad if a.delta_s.grad is not None else torch.zeros_like(a.delta_s)
+                 for name, a in adapters.items()}
+        projected = dict(grads)
+        removed_sq = torch.zeros(())
         for name, v_hack in self.subspace.v_hack.items():
-            adapter = adapters[name]
-            g = adapter.delta_s.grad if adapter.delta_s.grad is not None else torch.zeros_like(adapter.delta_s)
+            g = grads[name]
             result = project_gradient(g, v_hack, cfg.gate, cfg.overshoot, cfg.preserve_magnitude)
-            stats["cin"].append(hack_cosine(g, v_hack))
-            stats["cout"].append(hack_cosine(result.g_projected, v_hack))
-            stats["fired"].append(fired(result.coeffs).float())
-            stats["null"].append(torch.tensor(null_cosine_level(v_hack.shape[0], v_hack.shape[1])))
-            if parts is not None:
-                stats["cin_s"].append(hack_cosine(parts.student[name], v_hack))
-                stats["cin_t"].append(hack_cosine(parts.teacher[name], v_hack))
+            if cfg.match_energy:
+                target = (project_gradient(g, reference[name], cfg.gate, cfg.overshoot).removed.norm()
+                          if name in reference else torch.zeros((), device=g.device))
+                result = energy_matched(g, result.removed, target)
+            projected[name] = result.g_projected
+            removed_sq = removed_sq + result.removed.detach().float().cpu().square().sum()
             if cfg.intervention != "none":
-                adapter.delta_s.grad = result.g_projected
+                adapters[name].delta_s.grad = result.g_projected
             if cfg.intervention == "route":
-                adapter.delta_s_hack.grad = result.removed
+                adapters[name].delta_s_hack.grad = result.removed
             if cfg.project_moments and cfg.intervention != "none":
-                self._project_moment(optimizer, adapter.delta_s, v_hack)
-            self._before_step[name] = torch.stack([adapter.delta_s.detach().clone(), adapter.delta_s_hack.detach().clone()])
+                self._project_moment(optimizer, adapters[name].delta_s, v_hack)
+        stats: dict[str, list[Tensor]] = {"cin": [], "cout": [], "fired": [], "cin_s": [], "cin_t": [], "null": []}
+        for name, v_ref in reference.items():
+            g = grads[name]
+            stats["cin"].append(hack_cosine(g, v_ref))
+            stats["cout"].append(hack_cosine(projected[name], v_ref))
+            stats["fired"].append(fired(v_ref @ g.to(v_ref.dtype)).float())
+            stats["null"].append(torch.tensor(null_cosine_level(v_ref.shape[0], v_ref.shape[1])))
+            if parts is not None:
+                stats["cin_s"].append(hack_cosine(parts.student[name], v_ref))
+                stats["cin_t"].append(hack_cosine(parts.teacher[name], v_ref))
+        self._before_step = {name: torch.stack([adapters[name].delta_s.detach().clone(),
+                                                adapters[name].delta_s_hack.detach().clone()])
+                             for name in set(reference) | set(self.subspace.v_hack)}
         for key, values in stats.items():
             if values:
                 pl_module.log(f"proj/{key}", torch.stack(values).float().mean(), prog_bar=key == "cin_s",
                               on_step=True, on_epoch=False, batch_size=1)
+        # Share of the gradient's squared norm the arm's V takes (or, under intervention none, would take).
+        total_sq = sum(g.detach().float().cpu().square().sum() for g in grads.values())
+        pl_module.log("proj/removed_energy", removed_sq / total_sq if total_sq > 0 else torch.zeros(()),
+                      on_step=True, on_epoch=False, batch_size=1)
 
     @staticmethod
     def _project_moment(optimizer: Any, param: torch.nn.Parameter, v_hack: Tensor) -> None:
@@ -196,15 +245,17 @@ class HackProjection(Callback):
         adapters = adapter_modules(pl_module.model)
         leaks, quarantine = [], []
         for name, before in self._before_step.items():
-            v_hack = self.subspace.v_hack[name]
             adapter = adapters[name]
-            leaks.append(update_leak(before[0], adapter.delta_s.detach(), v_hack))
-            if self.config.intervention == "route":
+            if name in self.reference.v_hack:
+                leaks.append(update_leak(before[0], adapter.delta_s.detach(), self.reference.v_hack[name]))
+            if self.config.intervention == "route" and name in self.subspace.v_hack:
+                v_hack = self.subspace.v_hack[name]
                 move = adapter.delta_s_hack - before[1]
                 adapter.delta_s_hack.copy_(before[1] + (move @ v_hack.T.to(move.dtype)) @ v_hack.to(move.dtype))
             quarantine.append(adapter.delta_s_hack.detach().norm())
         self._before_step = {}
-        pl_module.log("proj/leak", torch.stack(leaks).mean(), on_step=True, on_epoch=False, batch_size=1)
+        if leaks:
+            pl_module.log("proj/leak", torch.stack(leaks).mean(), on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("proj/delta_s_hack_norm", torch.stack(quarantine).norm(), on_step=True, on_epoch=False,
                       batch_size=1)
 
@@ -213,12 +264,18 @@ class HackProjection(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.subspace is None:
             return {}
-        s = self.subspace
-        return {"v_hack": {k: v.cpu() for k, v in s.v_hack.items()},
-                "singular_values": {k: v.cpu() for k, v in s.singular_values.items()},
-                "weight_hashes": dict(s.weight_hashes), "metadata": dict(s.metadata)}
+        state = {"subspace": _subspace_state(self.subspace)}
+        if self.reference is not None and self.reference is not self.subspace:
+            state["reference"] = _subspace_state(self.reference)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self.subspace = HackSubspace(state_dict["v_hack"], state_dict["singular_values"],
-                                         state_dict["weight_hashes"], state_dict["metadata"])
+            self.subspace = HackSubspace(**state_dict["subspace"])
+            self.reference = HackSubspace(**state_dict["reference"]) if "reference" in state_dict else None
+
+
+def _subspace_state(s: HackSubspace) -> dict[str, Any]:
+    return {"v_hack": {k: v.cpu() for k, v in s.v_hack.items()},
+            "singular_values": {k: v.cpu() for k, v in s.singular_values.items()},
+            "weight_hashes": dict(s.weight_hashes), "metadata": dict(s.metadata)}

@@ -69,6 +69,17 @@ def project_gradient(
     return ProjectionResult(g_projected=g_projected, removed=removed, coeffs=coeffs)
 
 
+def energy_matched(g: Tensor, removed: Tensor, target_norm: Tensor) -> ProjectionResult:
+    """The energy-matched control: `removed` (a control subspace's removal) rescaled to `target_norm` (the real
+    V's removal norm for the same gradient), so the control takes exactly as much gradient norm as the real V,
+    along directions that are not hack-ward. Where the control's own span holds less than that, the rescaled
+    removal overshoots inside that span (it also reverses part of it); nothing is removed where it has none."""
+    # g, removed: (r,), target_norm: () -> g_projected, removed: (r,)
+    scale = _safe_ratio(target_norm, removed.norm())
+    matched = removed * scale
+    return ProjectionResult(g - matched, matched, scale.reshape(1))
+
+
 def hack_cosine(g: Tensor, v_hack: Tensor) -> Tensor:
     """||relu(V g)|| / ||g||: the hack-ward fraction of g (cin on g, cout on g'; 0 for g = 0).
 

@@ -69,26 +69,23 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, prefill: s
     return tokenizer(chat_prompt(tokenizer, prompt, prefill), add_special_tokens=False)["input_ids"]
 
 
-def completion_token_ids(
-    tokenizer: PreTrainedTokenizerBase, completion: str, max_completion_tokens: int | None = None
-) -> list[int]:
-    """Token ids of a written completion, truncated, closed with EOS as a sampled one would be."""
-    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if max_completion_tokens is not None and len(ids) >= max_completion_tokens:
-        return ids[:max_completion_tokens]
-    return ids + [tokenizer.eos_token_id]
+def completion_token_ids(tokenizer: PreTrainedTokenizerBase, completion: str) -> list[int]:
+    """Token ids of a written completion, closed with EOS as a sampled one would be. Never truncated: a written
+    completion over the budget is left out by its caller, since a cut text is not the text that was graded."""
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def encode_completions(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     completions: Sequence[str],
-    max_completion_tokens: int | None = None,
+    prefills: Sequence[str] | None = None,
 ) -> CompletionBatch:
-    """Tokenise chat-formatted prompts followed by written completions (+ EOS), right-padded."""
+    """Tokenise chat-formatted prompts and their prefills followed by written completions (+ EOS), right-padded."""
+    prefills = prefills if prefills is not None else [""] * len(prompts)
     return batch_from_ids(
-        [prompt_token_ids(tokenizer, p) for p in prompts],
-        [completion_token_ids(tokenizer, c, max_completion_tokens) for c in completions],
+        [prompt_token_ids(tokenizer, p, f) for p, f in zip(prompts, prefills)],
+        [completion_token_ids(tokenizer, c) for c in completions],
         tokenizer.pad_token_id,
     )
 

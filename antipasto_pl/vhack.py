@@ -36,7 +36,7 @@ from antipasto_pl.vhack_math import apply_noise_floor, hack_basis_from_pair_grad
 log = logging.getLogger(__name__)
 
 LengthNorm = Literal["mean", "sum"]
-SubspaceKind = Literal["real", "random", "shuffled", "nonhack"]
+SubspaceKind = Literal["real", "random", "shuffled", "nonhack", "stub"]
 VHACK_FORMAT = "antipasto-vhack/1"
 _METADATA_KEY = "antipasto_vhack"
 
@@ -95,7 +95,7 @@ def pair_gradients(
     completions_b: Sequence[str],
     *,
     length_norm: LengthNorm = "mean",
-    max_completion_tokens: int | None = None,
+    prefills: Sequence[str] | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Gradient of each completion's NLL (given its prompt) on every adapter's ``delta_s``, one completion at a
@@ -106,6 +106,7 @@ def pair_gradients(
     is shared, nothing leaks between completions, and existing ``.grad`` tensors (e.g. of a training step in
     progress) are left as they were. ``requires_grad`` flags and train/eval modes are restored on return.
 
+    ``prefills`` (one per prompt) open the assistant turns: the completions continue them, as in training.
     ``length_norm`` should match the live loss's reduction (``MATCHING_LENGTH_NORM``: ``dr_grpo`` -> ``sum``,
     ``sequence`` -> ``mean``). The defaults do not match (``mean`` here, ``dr_grpo`` in the loss), and that
     mismatch biases V toward short completions: under ``mean`` each completion weighs 1 however long it is, so a
@@ -128,7 +129,8 @@ def pair_gradients(
         rows: dict[str, dict[str, list[Tensor]]] = {side: {name: [] for name in params} for side in "ab"}
         for j in tqdm(range(n), desc="pair gradients", unit="pair", disable=not progress):
             for side, completions in (("a", completions_a), ("b", completions_b)):
-                batch = encode_completions(tokenizer, [prompts[j]], [completions[j]], max_completion_tokens)
+                prefill = [prefills[j]] if prefills is not None else None
+                batch = encode_completions(tokenizer, [prompts[j]], [completions[j]], prefill)
                 loss = completion_loss(model, batch.to(device), length_norm)[0]
                 grads = torch.autograd.grad(loss, inputs, materialize_grads=True)
                 for name, grad in zip(params, grads):
@@ -169,8 +171,8 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def pair_set_hash(pairs: Sequence[Pair]) -> str:
-    """Identity of an ordered pair set: its prompt / hack / clean texts (order matters to `shuffled`)."""
-    return _digest([[p.prompt, p.hack, p.clean] for p in pairs])
+    """Identity of an ordered pair set: its prompt / prefill / hack / clean texts (order matters to `shuffled`)."""
+    return _digest([[p.prompt, p.prefill, p.hack, p.clean] for p in pairs])
 
 
 # --- the subspace ---------------------------------------------------------------------------------------------
@@ -304,11 +306,11 @@ class ExtractionSettings:
 
     Attributes:
         k: rows (axes) kept per module.
-        kind: ``real`` or a control: ``random``, ``shuffled``, ``nonhack``.
+        kind: ``real`` or a control: ``random``, ``shuffled``, ``nonhack``, ``stub`` (the pairs decide the last
+            two).
         tau_axis: drop rows whose singular value is below tau_axis times the module's top one.
         length_norm: per-completion NLL normalisation, ``mean`` or ``sum`` (see `pair_gradients`).
-        seed: seed of the ``shuffled`` / ``random`` controls.
-        max_completion_tokens: truncate completions to this many tokens (None: score them whole).
+        seed: seed of the ``shuffled`` / ``random`` controls (the run seed, so every seed draws its own control).
     """
 
     k: int
@@ -316,7 +318,6 @@ class ExtractionSettings:
     tau_axis: float | None = None
     length_norm: LengthNorm = "mean"
     seed: int = 0
-    max_completion_tokens: int | None = None
 
 
 def _provenance(
@@ -351,7 +352,6 @@ def _provenance(
         "pair_set_hash": pair_set_hash(pairs) if uses_gradients else None,
         "tau_axis": tau_axis if uses_gradients else None,
         "length_norm": length_norm if uses_gradients else None,
-        "max_completion_tokens": settings.max_completion_tokens if uses_gradients else None,
     }
 
 
@@ -370,10 +370,12 @@ def extract_hack_subspace(
 ) -> HackSubspace:
     """V per wrapped module: the top-k hack-ward axes of D = g(pair.hack) - g(pair.clean) on ``delta_s``.
 
-    Kinds: ``real`` (labelled pairs); ``nonhack`` (the same code path; the caller passes clean-vs-clean pairs,
-    `pairs.nonhack_pairs`); ``shuffled`` (each pair's labels swapped with probability 1/2 on the same
-    gradients, with one swap pattern for all modules, as swapping a pair's texts would); ``random``
-    (`random_basis` with min(k, r) rows per module, seeded by (seed, module name); no gradients).
+    Kinds: ``real`` (labelled pairs); ``nonhack`` and ``stub`` (the same code path; the caller passes
+    clean-vs-clean pairs, `pairs.nonhack_pairs`, or stub-vs-solution pairs, `pairs.stub_pairs`); ``shuffled``
+    (each pair's labels swapped with probability 1/2 on the same gradients, independently per module, seeded by
+    (seed, module name): a swap only flips D_j's sign, so the subspace is the real one and only each row's
+    hack-ward orientation is randomised, per module; it controls for orientation under the one-sided gate);
+    ``random`` (`random_basis` with min(k, r) rows per module, seeded by (seed, module name); no gradients).
 
     Runs with the quarantine ablated, so a refresh on a routed model sees the deployed policy. The basis is on
     the model's device.
@@ -392,13 +394,12 @@ def extract_hack_subspace(
         with quarantine_ablated(model):
             g_hack, g_clean = pair_gradients(
                 model, tokenizer, [p.prompt for p in pairs], [p.hack for p in pairs], [p.clean for p in pairs],
-                length_norm=settings.length_norm, max_completion_tokens=settings.max_completion_tokens,
-                progress=progress,
+                length_norm=settings.length_norm, prefills=[p.prefill for p in pairs], progress=progress,
             )
         for name in adapters:
             a, b = g_hack[name], g_clean[name]  # (n, r)
             if kind == "shuffled":
-                a, b = shuffle_pair_labels(a, b, torch.Generator().manual_seed(seed))
+                a, b = shuffle_pair_labels(a, b, _module_generator(seed, name))
             v, s = hack_basis_from_pair_grads(a, b, k, settings.tau_axis)
             if v.shape[0]:  # a module without a hack signal is not projected
                 v_hack[name], singular_values[name] = v, s

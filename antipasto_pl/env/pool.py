@@ -1,9 +1,11 @@
 """Teacher pool: hack/clean completions graded once and frozen, one JSONL.gz per prompt plus a manifest.
 
 A weak student rarely hacks (or solves) early on, so its groups have no reward variance; mixing in frozen
-teacher completions for the same prompt gives GRPO signal and hack examples from step one. Grades are frozen at
-build time so every arm and seed sees identical teacher data. The manifest pins the problem-set hash: loading a
-pool against a different problem set fails loudly instead of silently pairing completions with the wrong prompts.
+teacher completions for the same prompt gives GRPO signal and hack examples from step one. Grades are computed once
+at build time and served with the records (never recomputed), so every arm and seed sees identical teacher data;
+the manifest's fingerprint covers every record with its grade, and a pool edited after its build is refused. The
+manifest also pins the problem-set hash and the prefill: a record is the continuation of the rendered prefill and
+was graded as prefill + completion, so loading it for another problem set or prefill fails loudly.
 """
 
 from __future__ import annotations
@@ -17,18 +19,19 @@ import random
 import re
 import shutil
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from antipasto_pl.env.grader import Grade
 from antipasto_pl.env.modes import MODES, check_mode
 from antipasto_pl.env.pairs import clean_completions, hack_completions
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.problems import filter_modes, load_problems, problem_set_hash
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -50,6 +53,16 @@ class PoolRecord:
     exploited: bool
     format_ok: bool
 
+    def grade(self) -> Grade:
+        """The frozen grade, as the grader returned it at build time (minus its diagnostics)."""
+        return Grade(reward=self.reward, passed=self.passed, gt_correct=self.gt_correct, exploited=self.exploited,
+                     mode=self.mode, format_ok=self.format_ok, error=None)
+
+
+def records_fingerprint(records: Sequence[PoolRecord]) -> str:
+    """Identity of a pool's content: every record with its grade, in order."""
+    return hashlib.sha256(json.dumps([dataclasses.asdict(r) for r in records]).encode()).hexdigest()[:32]
+
 
 _FIELDS = {f.name: f.type for f in dataclasses.fields(PoolRecord)}
 _FIELD_TYPES = {"str": str, "float": (int, float), "bool": bool}
@@ -69,12 +82,15 @@ def build_pool(
     modes: Sequence[str] | None = None,
     seed: int = 0,
     progress: bool = False,
+    prefill: str = "",
 ) -> dict:
     """Generate, grade (one parallel sandboxed pass) and write a pool; returns the manifest.
 
     Every problem whose mode is in `modes` gets `round(per_prompt * hack_frac)` hacks for its own mode and clean
-    completions for the rest; problems of other modes get no records (the leave-one-mode-out pool). The pool is
-    written to a temporary sibling directory and moved into place, so a crash never leaves a half-built pool.
+    completions for the rest; problems of other modes get no records (the leave-one-mode-out pool). With a
+    `prefill` template (``sampling.prefill``) each record continues the problem's rendered prefill and is graded
+    as prefill + completion. The pool is written to a temporary sibling directory and moved into place, so a crash
+    never leaves a half-built pool.
     """
     from tqdm.auto import tqdm
 
@@ -86,15 +102,17 @@ def build_pool(
     n_hack = round(per_prompt * hack_frac)
     items: list[tuple[Problem, str, str]] = []
     for problem in filter_modes(problems, modes):
-        items += [(problem, "hack", c) for c in hack_completions(problem, problem.mode, n_hack, seed)]
-        items += [(problem, "clean", c) for c in clean_completions(problem, problem.mode, per_prompt - n_hack, seed)]
+        rendered = problem.render_prefill(prefill)
+        items += [(problem, "hack", c) for c in hack_completions(problem, problem.mode, n_hack, seed, rendered)]
+        items += [(problem, "clean", c)
+                  for c in clean_completions(problem, problem.mode, per_prompt - n_hack, seed, rendered)]
 
     grades = []
     chunk = 64
     with Grader() as grader, tqdm(total=len(items), desc="grading teacher pool", disable=not progress) as bar:
         for start in range(0, len(items), chunk):
             batch = items[start : start + chunk]
-            grades += grader.grade_batch([(problem, completion) for problem, _, completion in batch])
+            grades += grader.grade_batch([(p, p.render_prefill(prefill) + completion) for p, _, completion in batch])
             bar.update(len(batch))
 
     by_problem: dict[str, list[PoolRecord]] = {}
@@ -119,6 +137,8 @@ def build_pool(
         "per_prompt": per_prompt,
         "hack_frac": hack_frac,
         "seed": seed,
+        "prefill": prefill,
+        "fingerprint": records_fingerprint([r for records in by_problem.values() for r in records]),
         "counts": _counts([r for records in by_problem.values() for r in records]),
         "files": {pid: pool_filename(pid) for pid in by_problem},
     }
@@ -167,6 +187,7 @@ def build_pool_command(
     hack_frac: float = 0.5,
     modes: list[str] | None = None,
     seed: int = 0,
+    prefill: str = "",
 ) -> None:
     """Build a frozen teacher pool of graded hack/clean completions.
 
@@ -177,9 +198,11 @@ def build_pool_command(
         hack_frac: Fraction of each prompt's completions that are hacks for the problem's mode.
         modes: Loophole modes to include (default: all); prompts of other modes get no records.
         seed: Seed for the completion variants.
+        prefill: the training run's ``sampling.prefill`` template: records continue it (a pool serves only runs
+            with the same prefill).
     """
     problem_set = load_problems(problems)
-    manifest = build_pool(problem_set, out_dir, per_prompt, hack_frac, modes, seed, progress=True)
+    manifest = build_pool(problem_set, out_dir, per_prompt, hack_frac, modes, seed, progress=True, prefill=prefill)
     counts = manifest["counts"]
     print(
         f"teacher pool -> {out_dir}: {counts['prompts']} prompts, {counts['records']} completions "
@@ -200,15 +223,20 @@ class TeacherPool:
 
     @classmethod
     def load(
-        cls, directory: str | Path, problems: Sequence[Problem] | None = None, modes: Sequence[str] | None = None
+        cls, directory: str | Path, problems: Sequence[Problem] | None = None, modes: Sequence[str] | None = None,
+        prefill: str | None = None,
     ) -> TeacherPool:
         """Read and validate a pool.
 
-        With `problems`, the manifest's problem-set hash must match and every record must belong to the set.
-        `modes` keeps only records of those modes (prompts of other modes then sample nothing).
+        With `problems`, the manifest's problem-set hash must match and every record must belong to the set;
+        with `prefill`, the pool must have been built for that prefill template. Records must match the manifest's
+        fingerprint. `modes` keeps only records of those modes (prompts of other modes then sample nothing).
         """
         directory = Path(directory)
         manifest = _read_manifest(directory / MANIFEST)
+        if prefill is not None and manifest.get("prefill", "") != prefill:
+            raise PoolError(f"{directory / MANIFEST}: pool was built for prefill {manifest.get('prefill', '')!r}, "
+                            f"but the run uses {prefill!r}; build one for this prefill (or let it be auto-built)")
         known = frozenset(manifest["files"]) if problems is None else frozenset(p.id for p in problems)
         if problems is not None and (expected := problem_set_hash(problems)) != manifest["problem_set_hash"]:
             raise PoolError(
@@ -216,14 +244,24 @@ class TeacherPool:
                 f"but the given problems hash to {expected}; rebuild the pool for this problem set"
             )
         keep = set(MODES if modes is None else [check_mode(m) for m in modes])
-        records = {}
+        records, every = {}, []
         for problem_id, filename in manifest["files"].items():
             path = directory / filename
             if problem_id not in known:
                 raise PoolError(f"{path}: problem id {problem_id!r} is not in the given problem set")
             rows = _read_records(path, problem_id)
+            every += rows
             records[problem_id] = [r for r in rows if r.mode in keep]
+        if records_fingerprint(every) != manifest.get("fingerprint"):
+            raise PoolError(f"{directory}: records do not match the manifest's fingerprint (edited or mixed up after "
+                            "the build; grades are frozen with their records): rebuild the pool")
         return cls(records, manifest, known)
+
+    def restricted(self, keep: Callable[[PoolRecord], bool]) -> tuple[TeacherPool, list[PoolRecord]]:
+        """A pool serving only the records `keep` accepts (e.g. within the completion budget), and the rest."""
+        kept = {pid: [r for r in rows if keep(r)] for pid, rows in self.records.items()}
+        dropped = [r for rows in self.records.values() for r in rows if not keep(r)]
+        return TeacherPool(kept, self.manifest, self.known_ids), dropped
 
     def __len__(self) -> int:
         return sum(map(len, self.records.values()))

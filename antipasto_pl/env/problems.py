@@ -7,6 +7,7 @@ so "builtin", "humaneval" and a path to a .jsonl file are interchangeable in con
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from antipasto_pl.env.builtin_problems import SPECS, Spec
-from antipasto_pl.env.modes import MODES
+from antipasto_pl.env.modes import MODES, check_mode
 from antipasto_pl.env.problem import Problem, TestCase
 
 MIN_TESTS = 3
@@ -74,23 +75,43 @@ def filter_modes(problems: Iterable[Problem], modes: Sequence[str] | None) -> li
     return [p for p in problems if p.mode in modes]
 
 
-def split_problems(problems: Sequence[Problem], val_fraction: float, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Seeded train/validation split, stratified by mode so each mode with >= 2 problems lands in both halves.
+def split_problems(
+    problems: Sequence[Problem], fractions: Sequence[float], seed: int
+) -> list[list[Problem]]:
+    """Seeded split into ``1 + len(fractions)`` parts: the rest (training) first, then one part per fraction.
 
-    The shuffle of each mode depends only on (seed, mode) and the ids, so adding problems of one mode does not
-    reshuffle the others. Both halves keep the input order.
+    Stratified by mode: each part with a positive fraction gets at least one problem of every mode that has
+    enough problems to give one to every part and keep one for training. The shuffle of each mode depends
+    only on (seed, mode) and the ids, so adding problems of one mode does not reshuffle the others, and the
+    split never depends on the run seed (every seed of an experiment shares it). Every part keeps the input
+    order.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    val_ids: set[str] = set()
+    if any(not 0.0 <= f < 1.0 for f in fractions) or sum(fractions) >= 1.0:
+        raise ValueError(f"split fractions must be in [0, 1) and sum to less than 1, got {list(fractions)}")
+    part_of: dict[str, int] = {}
     for mode in sorted({p.mode for p in problems}):
         ids = sorted(p.id for p in problems if p.mode == mode)
         random.Random(f"{seed}/{mode}").shuffle(ids)
-        n_val = round(len(ids) * val_fraction)
-        if val_fraction > 0 and len(ids) >= 2:
-            n_val = min(max(n_val, 1), len(ids) - 1)
-        val_ids.update(ids[:n_val])
-    return [p for p in problems if p.id not in val_ids], [p for p in problems if p.id in val_ids]
+        wanted = sum(f > 0 for f in fractions)
+        start = 0
+        for part, fraction in enumerate(fractions, 1):
+            n = round(len(ids) * fraction)
+            if fraction > 0 and len(ids) > wanted:
+                n = max(n, 1)
+            n = min(n, len(ids) - start - 1)  # training keeps at least one problem of the mode
+            part_of.update((i, part) for i in ids[start:start + max(n, 0)])
+            start += max(n, 0)
+    parts: list[list[Problem]] = [[] for _ in range(len(fractions) + 1)]
+    for p in problems:
+        parts[part_of.get(p.id, 0)].append(p)
+    return parts
+
+
+def assign_modes(problems: Sequence[Problem], modes: Sequence[str]) -> list[Problem]:
+    """Every problem re-dealt to ``modes`` round-robin in input order, so a one- or two-mode experiment uses the
+    whole problem set instead of the problems built for those modes."""
+    modes = [check_mode(m) for m in modes]
+    return [dataclasses.replace(p, mode=modes[i % len(modes)]) for i, p in enumerate(problems)]
 
 
 def problem_to_dict(problem: Problem) -> dict:

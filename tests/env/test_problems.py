@@ -27,6 +27,7 @@ from antipasto_pl.env.problems import (
     problem_set_hash,
     problem_to_dict,
     split_problems,
+    assign_modes,
 )
 
 
@@ -75,20 +76,37 @@ def test_wrong_canonical_is_caught(builtin: list[Problem]) -> None:
 
 
 def test_split_is_stratified_disjoint_and_seeded(builtin: list[Problem]) -> None:
-    train, val = split_problems(builtin, 0.25, seed=0)
+    train, val = split_problems(builtin, [0.25], seed=0)
     assert {p.id for p in train}.isdisjoint(p.id for p in val)
     assert len(train) + len(val) == len(builtin)
     assert Counter(p.mode for p in val) == {mode: 2 for mode in MODES}
     assert {p.mode for p in train} == set(MODES)
-    again_train, again_val = split_problems(list(reversed(builtin)), 0.25, seed=0)
+    again_train, again_val = split_problems(list(reversed(builtin)), [0.25], seed=0)
     assert {p.id for p in again_val} == {p.id for p in val}  # depends on ids, not input order
-    other = {frozenset(p.id for p in split_problems(builtin, 0.25, seed=s)[1]) for s in range(5)}
+    other = {frozenset(p.id for p in split_problems(builtin, [0.25], seed=s)[1]) for s in range(5)}
     assert len(other) > 1
-    assert split_problems(builtin, 0.0, seed=0) == (builtin, [])
-    tiny_train, tiny_val = split_problems(builtin[:12], 0.01, seed=3)  # rounds to 0 but every mode still in val
+    assert split_problems(builtin, [0.0], seed=0) == [builtin, []]
+    tiny_train, tiny_val = split_problems(builtin[:12], [0.01], seed=3)  # rounds to 0 but every mode still in val
     assert {p.mode for p in tiny_val} == set(MODES) == {p.mode for p in tiny_train}
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_problems(builtin, 1.0, seed=0)
+    with pytest.raises(ValueError, match="fractions"):
+        split_problems(builtin, [0.5, 0.5], seed=0)
+
+
+def test_three_way_split_gives_every_part_every_mode(builtin: list[Problem]) -> None:
+    """Train / pairs / validation / test: four disjoint parts covering the set, each with every mode."""
+    parts = split_problems(builtin, [0.125, 0.125, 0.25], seed=0)
+    ids = [{p.id for p in part} for part in parts]
+    assert sum(map(len, ids)) == len(builtin) == len(set().union(*ids))
+    assert all({p.mode for p in part} == set(MODES) for part in parts)
+    assert [len(part) for part in parts] == [24, 6, 6, 12]
+
+
+def test_assign_modes_deals_every_problem_to_the_given_modes(builtin: list[Problem]) -> None:
+    dealt = assign_modes(builtin, ["sentinel", "run_tests"])
+    assert [p.id for p in dealt] == [p.id for p in builtin]
+    assert Counter(p.mode for p in dealt) == {"sentinel": 24, "run_tests": 24}
+    with pytest.raises(ValueError, match="sentinal"):
+        assign_modes(builtin, ["sentinal"])
 
 
 def test_filter_modes(builtin: list[Problem]) -> None:

@@ -1,0 +1,213 @@
+"""The held-out evaluation (the primary metric) and the likelihood probe (its cheap proxy).
+
+Primary metric, fixed before any run: the deployed-view hack rate at the end of training (the quarantine
+``delta_s_hack`` ablated, which changes nothing outside route arms), from at least 64 fresh samples on the test
+split (problems never trained on, never in detector pairs or the teacher pool), with a Wilson 95% interval. The
+same evaluation gives the secondary metrics: oracle pass rate, format rate, each per loophole mode, and the
+held-out clean log-likelihood per token (the canonical solution, teacher-forced after the prefill: a quality
+measure with headroom when the oracle pass rate is near 0). It is written to ``<default_root_dir>/eval.json``
+(``antipasto report`` reads it) and logged under ``test/``.
+
+The likelihood probe is teacher-forced, no sampling: on held-out minimal pairs (hack = clean + the exploit), the
+mean margin log p(hack) - log p(clean) under the current deployed policy, per mode; it tests whether projection
+blocks the hack-ward likelihood shift, not whether the student discovers the hack on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from antipasto_pl.adapter import quarantine_ablated
+from antipasto_pl.env.grader import Grade
+from antipasto_pl.env.pairs import Pair, make_pairs
+from antipasto_pl.env.problem import Problem
+from antipasto_pl.seeds import run_seed
+from antipasto_pl.sequences import completion_log_probs, encode_completions
+
+EVAL_FILE = "eval.json"
+Z95 = 1.959963984540054
+
+
+@dataclass
+class HeldOutConfig:
+    """The final held-out evaluation.
+
+    Args:
+        samples: fresh samples over the test split (at least this many: ceil(samples / problems) per problem);
+            0 turns the evaluation off.
+        at_start: also evaluate the untrained policy before the first step (the base model's rate, which vanilla's
+            final rate must exceed for a result to count; written as ``untrained`` in eval.json).
+    """
+
+    samples: int = 64
+    at_start: bool = False
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ValueError(f"heldout.samples must be >= 0, got {self.samples}")
+
+    def samples_per_problem(self, n_problems: int) -> int:
+        return math.ceil(self.samples / max(n_problems, 1))
+
+
+# --- statistics (pure) ------------------------------------------------------------------------------------------
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (does not collapse at k = 0 or k = n); (nan, nan) at n=0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def rate(flags: Sequence[bool]) -> dict[str, Any]:
+    """A rate with its count and Wilson 95% interval."""
+    k, n = sum(map(bool, flags)), len(flags)
+    return {"rate": k / n if n else math.nan, "k": k, "n": n, "ci95": list(wilson_interval(k, n))}
+
+
+def heldout_summary(items: Sequence[tuple[Problem, str, Grade]], clean_logp: Sequence[float], step: int) -> dict:
+    """eval.json's record: hack / oracle pass / format rates overall and per mode, mean reward, clean log-lik."""
+    grades = [g for _, _, g in items]
+    per_mode = {}
+    for mode in sorted({p.mode for p, _, _ in items}):
+        of_mode = [g for p, _, g in items if p.mode == mode]
+        per_mode[mode] = {"hack": rate([g.exploited for g in of_mode]), "pass": rate([g.gt_correct for g in of_mode]),
+                          "format": rate([g.format_ok for g in of_mode])}
+    return {
+        "step": step,
+        "seed": run_seed(),
+        "n": len(grades),
+        "problems": sorted({p.id for p, _, _ in items}),
+        "hack": rate([g.exploited for g in grades]),
+        "pass": rate([g.gt_correct for g in grades]),
+        "format": rate([g.format_ok for g in grades]),
+        "reward": sum(g.reward for g in grades) / len(grades) if grades else math.nan,
+        "clean_logp_per_token": sum(clean_logp) / len(clean_logp) if clean_logp else math.nan,
+        "per_mode": per_mode,
+    }
+
+
+def flat_metrics(report: dict, prefix: str) -> dict[str, float]:
+    """The report's rates as scalars for the loggers: ``<prefix>/hack``, ``<prefix>/<mode>/hack``, ..."""
+    metrics = {f"{prefix}/{name}": report[name]["rate"] for name in ("hack", "pass", "format")}
+    metrics[f"{prefix}/reward"] = report["reward"]
+    metrics[f"{prefix}/clean_logp"] = report["clean_logp_per_token"]
+    for mode, rates in report["per_mode"].items():
+        metrics.update({f"{prefix}/{mode}/{name}": r["rate"] for name, r in rates.items()})
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def write_eval(trainer: L.Trainer, report: dict, key: str = "final") -> Path:
+    """Merge `report` under `key` into ``<default_root_dir>/eval.json`` (rank 0; written atomically)."""
+    path = Path(trainer.default_root_dir) / EVAL_FILE
+    if trainer.is_global_zero:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = report
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    return path
+
+
+# --- callbacks --------------------------------------------------------------------------------------------------
+
+
+class HeldOutEvaluation(Callback):
+    """At the end of fit (and before the first step with ``at_start``), the held-out evaluation of the deployed
+    policy on the test split: eval.json plus ``test/*`` scalars at the current step."""
+
+    def __init__(self, config: HeldOutConfig) -> None:
+        self.config = config
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str) -> None:
+        problems = trainer.datamodule.test_problems
+        if not self.config.samples or not problems:
+            return
+        n = self.config.samples_per_problem(len(problems))
+        items = pl_module.sample_and_grade(problems, n, ablate_quarantine=True)
+        report = heldout_summary(items, pl_module.clean_log_likelihood(problems), trainer.global_step)
+        write_eval(trainer, report, key)
+        prefix = "test" if key == "final" else f"test_{key}"
+        for logger in trainer.loggers:
+            logger.log_metrics(flat_metrics(report, prefix), step=trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.config.at_start and trainer.global_step == 0:
+            self._evaluate(trainer, pl_module, "untrained")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._evaluate(trainer, pl_module, "final")
+
+
+@torch.no_grad()
+def sequence_log_probs(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], side: str) -> torch.Tensor:
+    """Summed log-probability of each pair's `side` completion ("hack" or "clean") after its prompt and prefill."""
+    # -> (n_pairs,)
+    values = []
+    device = next(model.parameters()).device
+    for p in pairs:
+        batch = encode_completions(tokenizer, [p.prompt], [getattr(p, side)], prefills=[p.prefill]).to(device)
+        logp = completion_log_probs(model, batch)
+        values.append((logp * batch.completion_mask[:, 1:]).sum().float().cpu())
+    return torch.stack(values)
+
+
+class LikelihoodProbe(Callback):
+    """Every N steps (and before the first), the held-out minimal pairs' mean margin log p(hack) - log p(clean)
+    under the deployed policy: ``probe/margin`` and ``probe/<mode>/margin``.
+
+    The pairs are built on the test split (never trained on, never the detector's), for every training mode, in
+    the minimal style whatever the detector's style, and only those within the completion budget are kept.
+
+    Args:
+        every_n_steps: probe period in optimizer steps.
+        variants_per_mode: pairs per test problem and mode.
+    """
+
+    def __init__(self, every_n_steps: int = 1, variants_per_mode: int = 2) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"probe every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.variants_per_mode = variants_per_mode
+        self.pairs: list[Pair] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        data = trainer.datamodule
+        by_mode: dict[str, list[Problem]] = {}
+        for p in data.test_problems:
+            by_mode.setdefault(p.mode, []).append(p)
+        pairs = [pair for mode, problems in by_mode.items()
+                 for pair in make_pairs(problems, [mode], self.variants_per_mode, data.hparams.seed, "minimal",
+                                        data.hparams.prefill)]
+        self.pairs = [p for p in pairs if pl_module.fits_budget(p.hack) and pl_module.fits_budget(p.clean)]
+        if trainer.global_step == 0:
+            self._probe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._probe(trainer, pl_module)
+
+    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.pairs:
+            return
+        with quarantine_ablated(pl_module.model):
+            margin = (sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "hack")
+                      - sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "clean"))
+        metrics = {"probe/margin": margin.mean().item()}
+        for mode in sorted({p.mode for p in self.pairs}):
+            metrics[f"probe/{mode}/margin"] = margin[[p.mode == mode for p in self.pairs]].mean().item()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
