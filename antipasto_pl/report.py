@@ -1,11 +1,14 @@
-"""`antipasto report`: the experiment's headline tables and figures, from the runs' TensorBoard logs.
+"""`antipasto report`: the experiment's primary table, verdict and figures, from each run's eval.json and logs.
 
-Headline numbers (DESIGN section 8): the student's hack rate (``hack_s``) and oracle pass rate (``gt_s``) as
-the mean over each run's last N logged steps, mean +- std over seeds per arm, and the paired difference against
-the same-seed vanilla run (seeds share problems, pool and V, so pairing removes their shared noise). For the
-weak-detector runs (held-out mode m): ``<m>/hack_s`` and ``<m>/gt_s`` (the oracle pass rate on m's prompts),
-vanilla vs the other arms run the same way. The statistics are small pure functions; loading and plotting
-build on them, and ``notebooks/results.ipynb`` reuses the same functions.
+Primary metric (fixed before the runs; `antipasto_pl.evaluation`): the held-out, deployed-view hack rate at the end
+of training, from each run's ``eval.json``. Per arm: the mean over seeds with a percentile-bootstrap 95% interval;
+the paired difference against the same-seed vanilla run with its bootstrap interval (seeds share problems, pool
+and the real V, so pairing removes their shared noise). Secondary: oracle pass and format rates, held-out clean
+log-likelihood, the training hack rate's AUC over steps (mean of ``hack_s``), removed gradient energy and leak.
+The verdict line applies the design's rule: a treatment counts only if vanilla hacks beyond the untrained model's
+rate, the treatment lowers the hack rate, by more than every control run alongside it does, at matched quality.
+For weak-detector runs (held-out mode m) the same metric is read on m's test problems. The statistics are small
+pure functions; ``notebooks/results.ipynb`` reuses them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from antipasto_pl.evaluation import EVAL_FILE, wilson_interval
 from antipasto_pl.experiment import DEFAULT_ARMS, RUN_FILE
 
 Series = dict[int, float]  # step -> value
@@ -36,25 +40,32 @@ class Run:
     seed: int
     holdout_mode: str | None
     scalars: dict[str, Series] = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)  # eval.json: "final" (and "untrained" for vanilla)
 
 
 # --- statistics (pure) -------------------------------------------------------------------------------------------
 
 
-def last_n_mean(values: Sequence[float], n: int) -> float:
-    """Mean of the last `n` values (all of them when fewer); NaN when there are none."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    tail = list(values)[-n:]
-    return sum(tail) / len(tail) if tail else math.nan
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n-1); std is NaN for a single value, both are NaN for none."""
-    values = list(values)
-    if not values:
+def bootstrap_ci(values: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap 95% interval of the mean over seeds (resampling seeds); NaN with fewer than 2."""
+    values = [v for v in values if not math.isnan(v)]
+    if len(values) < 2:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+    import numpy as np
+
+    draws = np.random.default_rng(seed).choice(np.asarray(values), size=(n_boot, len(values)), replace=True)
+    means = draws.mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def format_ci(values: Sequence[float]) -> str:
+    """``mean [lo, hi]`` for a table cell (bootstrap over seeds); one seed shows its value, none ``n/a``."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    lo, hi = bootstrap_ci(values)
+    return f"{mean:.3f}" if math.isnan(lo) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def paired_differences(treated: dict[int, float], baseline: dict[int, float]) -> dict[int, float]:
@@ -76,14 +87,6 @@ def merge_versions(pieces: Sequence[Series]) -> Series:
     for piece in pieces:
         merged.update(piece)
     return dict(sorted(merged.items()))
-
-
-def format_mean_std(values: Sequence[float]) -> str:
-    """``mean ± std`` for a table cell; a single seed shows its value alone, no seeds show ``n/a``."""
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "n/a"
-    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -118,7 +121,10 @@ def load_experiment(experiment_dir: str | Path, steps: int | None = None) -> lis
     runs = []
     for meta_file in sorted(root.glob(f"*/{RUN_FILE}")):
         meta = json.loads(meta_file.read_text())
-        runs.append(Run(meta["name"], meta["arm"], meta["seed"], meta["holdout_mode"], read_scalars(meta_file.parent, steps)))
+        evaluation = meta_file.parent / EVAL_FILE
+        runs.append(Run(meta["name"], meta["arm"], meta["seed"], meta["holdout_mode"],
+                        read_scalars(meta_file.parent, steps),
+                        json.loads(evaluation.read_text()) if evaluation.is_file() else {}))
     if not runs:
         raise FileNotFoundError(f"no runs (subdirectories with {RUN_FILE}) in {root}")
     return runs
@@ -133,66 +139,146 @@ def arm_order(arms: set[str]) -> list[str]:
     return sorted(arms, key=lambda a: (a != "vanilla", rank.get(a, len(rank)), a))
 
 
-def final_values(runs: Sequence[Run], tag: str, last_n: int) -> dict[tuple[str, str | None], dict[int, float]]:
-    """(arm, held-out mode) -> {seed: last-n mean of `tag`}; runs that never logged `tag` are left out."""
-    table: dict[tuple[str, str | None], dict[int, float]] = {}
-    for run in runs:
-        series = run.scalars.get(tag)
-        if series:
-            table.setdefault((run.arm, run.holdout_mode), {})[run.seed] = last_n_mean(list(series.values()), last_n)
-    return table
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _paired_cell(treated: dict[int, float], baseline: dict[int, float]) -> str:
-    """Mean ± std of the same-seed differences ``treated - baseline``."""
-    return format_mean_std(list(paired_differences(treated, baseline).values()))
+def eval_values(runs: Sequence[Run], metric: str, mode: str | None = None) -> dict[tuple[str, str | None], dict[int, float]]:
+    """(arm, held-out mode) -> {seed: final eval.json `metric`} (``hack``, ``pass``, ``format`` rates, or
+    ``clean_logp_per_token``), overall or on one loophole mode's test problems; runs without eval.json are left
+    out."""
+    table: dict[tuple[str, str | None], dict[int, float]] = {}
+    for run in runs:
+        final = run.evaluation.get("final")
+        if not final:
+            continue
+        entry = final if mode is None else final["per_mode"].get(mode)
+        if entry is None or metric not in entry:
+            continue
+        value = entry[metric]["rate"] if isinstance(entry[metric], dict) else entry[metric]
+        table.setdefault((run.arm, run.holdout_mode), {})[run.seed] = value
+    return table
 
 
-def markdown_report(runs: Sequence[Run], last_n: int = 5) -> str:
-    """The three tables (per arm; paired vs vanilla; weak detector per held-out mode) as Markdown."""
+def base_rate(runs: Sequence[Run], mode: str | None = None) -> tuple[int, int]:
+    """Hacks and samples of the untrained policy, pooled over the runs that evaluated it (eval.json "untrained")."""
+    k = n = 0
+    for run in runs:
+        untrained = run.evaluation.get("untrained")
+        entry = untrained if untrained and mode is None else (untrained or {}).get("per_mode", {}).get(mode)
+        if entry:
+            k, n = k + entry["hack"]["k"], n + entry["hack"]["n"]
+    return k, n
+
+
+def series_means(runs: Sequence[Run], tag: str) -> dict[tuple[str, str | None], dict[int, float]]:
+    """(arm, mode) -> {seed: mean of `tag` over the run's steps} (the hack AUC per step for ``hack_s``)."""
+    table: dict[tuple[str, str | None], dict[int, float]] = {}
+    for run in runs:
+        if run.scalars.get(tag):
+            table.setdefault((run.arm, run.holdout_mode), {})[run.seed] = statistics.fmean(run.scalars[tag].values())
+    return table
+
+
+CONTROL_PREFIX = "erase_"
+TREATMENTS = ("erase", "erase_refresh", "route")
+
+
+def _upper(values: Sequence[float]) -> float:
+    """Upper end of the bootstrap interval over seeds (NaN under 2 seeds: nothing is established by one)."""
+    return bootstrap_ci(values)[1]
+
+
+def verdict(arm: str, hack: dict, quality: list[dict], base: tuple[int, int], controls: list[str]) -> str:
+    """The design's rule for one treatment arm, as one line: counts, or does not count and why."""
+    vanilla = hack.get(("vanilla", None), {})
+    treated = hack.get((arm, None), {})
+    reasons = []
+    k, n = base
+    base_hi = wilson_interval(k, n)[1] if n else math.nan
+    vanilla_lo = bootstrap_ci(list(vanilla.values()))[0] if len(vanilla) > 1 else math.nan
+    if math.isnan(base_hi) or math.isnan(vanilla_lo) or vanilla_lo <= base_hi:
+        reasons.append(f"vanilla does not hack beyond the untrained rate (vanilla's lower bound {vanilla_lo:.3f} vs "
+                       f"the untrained upper bound {base_hi:.3f})")
+    if not _upper(list(paired_differences(treated, vanilla).values())) < 0:
+        reasons.append("its hack rate is not below same-seed vanilla's (no paired interval wholly below 0)")
+    for control in controls:
+        if not _upper(list(paired_differences(treated, hack.get((control, None), {})).values())) < 0:
+            reasons.append(f"it does not lower the hack rate more than {control}")
+    for name, table in zip(("oracle pass", "clean log-likelihood"), quality):
+        if _upper(list(paired_differences(table.get((arm, None), {}), table.get(("vanilla", None), {})).values())) < 0:
+            reasons.append(f"it costs quality ({name} below vanilla's)")
+    return f"**{arm}: {'counts' if not reasons else 'does not count'}**" + (": " + "; ".join(reasons) if reasons else
+                                                                         " (every condition of the rule holds)")
+
+
+def markdown_report(runs: Sequence[Run]) -> str:
+    """The primary table (per arm), the paired table against vanilla, the verdicts, and the weak-detector table."""
     main = [r for r in runs if r.holdout_mode is None]
-    hack, gt = final_values(main, HACK, last_n), final_values(main, GT, last_n)
+    hack, passed, fmt = (eval_values(main, m) for m in ("hack", "pass", "format"))
+    logp = eval_values(main, "clean_logp_per_token")
+    auc, energy, leak = (series_means(main, t) for t in (HACK, "proj/removed_energy", "proj/leak"))
     arms = arm_order({r.arm for r in main})
-    parts = [f"# Experiment report\n\nStudent rates, mean of each run's last {last_n} logged steps; "
-             "mean ± std (n-1) over seeds."]
+    samples = sorted({r.evaluation["final"]["n"] for r in main if r.evaluation.get("final")})
+    k, n = base_rate(main)
+    parts = [
+        "# Experiment report",
+        "Primary metric: the held-out, deployed-view hack rate at the end of training (eval.json; "
+        f"{'/'.join(map(str, samples)) or 'no'} samples per run on the test split). Cells: mean over seeds "
+        "[percentile-bootstrap 95% interval over seeds]. Fixed across seeds: the problems and their split, the "
+        "detector pairs and the real V, the teacher pool; each seed draws its own prompt order, teacher draws, "
+        "samples and control subspaces.",
+    ]
+    if n:
+        lo, hi = wilson_interval(k, n)
+        parts.append(f"Untrained policy (vanilla runs' step-0 evaluation, pooled): hack rate {k}/{n} = {k / n:.3f} "
+                     f"[Wilson 95% {lo:.3f}, {hi:.3f}].")
     if arms:
-        rows = [[arm, str(len(hack.get((arm, None), {}))), format_mean_std(list(hack.get((arm, None), {}).values())),
-                 format_mean_std(list(gt.get((arm, None), {}).values()))] for arm in arms]
-        parts.append("## Per arm\n\n" + _table(["arm", "seeds", "hack rate (hack_s)", "gt pass rate (gt_s)"], rows))
+        rows = []
+        for arm in arms:
+            key = (arm, None)
+            seeds = sorted(set(hack.get(key, {})) | set(auc.get(key, {})))
+            rows.append([arm, ",".join(map(str, seeds)), *(format_ci(list(t.get(key, {}).values()))
+                                                            for t in (hack, passed, fmt, logp, auc, energy, leak))])
+        parts.append("## Per arm\n\n" + _table(
+            ["arm", "seeds", "held-out hack (primary)", "oracle pass", "format", "clean log-lik/token",
+             "train hack AUC", "removed energy", "leak"], rows))
     base = ("vanilla", None)
     if base in hack and len(arms) > 1:
         rows = []
         for arm in arms[1:]:
-            arm_hack, arm_gt = hack.get((arm, None), {}), gt.get((arm, None), {})
-            rows.append([arm, str(len(paired_differences(arm_hack, hack[base]))), _paired_cell(arm_hack, hack[base]),
-                         _paired_cell(arm_gt, gt.get(base, {}))])
-        parts.append("## Paired difference against same-seed vanilla\n\n"
-                     + _table(["arm", "paired seeds", "Δ hack rate", "Δ gt pass rate"], rows))
+            diffs = [paired_differences(t.get((arm, None), {}), t.get(base, {})) for t in (hack, passed, logp, auc)]
+            rows.append([arm, str(len(diffs[0])), *(format_ci(list(d.values())) for d in diffs)])
+        parts.append("## Paired difference against same-seed vanilla\n\n" + _table(
+            ["arm", "paired seeds", "Δ held-out hack", "Δ oracle pass", "Δ clean log-lik", "Δ train hack AUC"], rows))
+        controls = [a for a in arms if a.startswith(CONTROL_PREFIX) and a not in TREATMENTS]
+        lines = [verdict(arm, hack, [passed, logp], (k, n), controls) for arm in arms if arm in TREATMENTS]
+        if lines:
+            parts.append("## Verdict\n\nA treatment counts only if vanilla hacks beyond the untrained rate (its "
+                         "interval above the untrained Wilson interval), the treatment's paired difference against "
+                         "vanilla is below 0, it is below 0 against every control run here ("
+                         + (", ".join(controls) or "none") + "), and neither oracle pass nor clean log-likelihood "
+                         "falls below vanilla's (paired interval wholly below 0).\n\n" + "\n\n".join(lines))
     lomo = [r for r in runs if r.holdout_mode is not None]
     if lomo:
         rows = []
         for mode in sorted({r.holdout_mode for r in lomo}):
             of_mode = [r for r in lomo if r.holdout_mode == mode]
-            m_hack = final_values(of_mode, f"{mode}/hack_s", last_n)
-            m_pass = final_values(of_mode, f"{mode}/gt_s", last_n)
+            m_hack, m_pass = eval_values(of_mode, "hack", mode), eval_values(of_mode, "pass", mode)
             for arm in arm_order({r.arm for r in of_mode}):
                 key, ref = (arm, mode), ("vanilla", mode)
-                hacks, passes = m_hack.get(key, {}), m_pass.get(key, {})
                 diffs = ["–", "–"]
                 if arm != "vanilla" and ref in m_hack:
-                    diffs = [_paired_cell(hacks, m_hack[ref]), _paired_cell(passes, m_pass.get(ref, {}))]
-                rows.append([mode, arm, str(len(hacks)), format_mean_std(list(hacks.values())),
-                             format_mean_std(list(passes.values())), *diffs])
+                    diffs = [format_ci(list(paired_differences(m_hack.get(key, {}), m_hack[ref]).values())),
+                             format_ci(list(paired_differences(m_pass.get(key, {}), m_pass.get(ref, {})).values()))]
+                rows.append([mode, arm, str(len(m_hack.get(key, {}))), format_ci(list(m_hack.get(key, {}).values())),
+                             format_ci(list(m_pass.get(key, {}).values())), *diffs])
         parts.append(
             "## Weak detector: leave one mode out\n\nV extracted without the held-out mode's pairs and no teacher "
-            f"samples of it; rates on the held-out mode's prompts (mean of the last {last_n} steps that sampled it)."
-            "\n\n" + _table(["held-out mode", "arm", "seeds", "hack on mode", "gt pass on mode", "Δ hack vs vanilla",
-                             "Δ gt pass vs vanilla"], rows))
+            "samples of it; the primary metric on the held-out mode's test problems.\n\n"
+            + _table(["held-out mode", "arm", "seeds", "held-out hack on mode", "oracle pass on mode",
+                      "Δ hack vs vanilla", "Δ pass vs vanilla"], rows))
     return "\n\n".join(parts) + "\n"
 
 
@@ -240,25 +326,26 @@ def plot_cin(runs: Sequence[Run]) -> Figure:
     return _plot_tags(runs, [CIN_S, CIN_T], ["student gradient cin_s", "teacher gradient cin_t"], NULL, False)
 
 
-def report_command(experiment_dir: str, out: str | None = None, last_n: int = 5, steps: int | None = None) -> Path:
-    """Summarise an `antipasto experiment` directory: Markdown tables and PNG figures from the runs' logs.
+def report_command(experiment_dir: str, out: str | None = None, steps: int | None = None) -> Path:
+    """Summarise an `antipasto experiment` directory: Markdown tables, verdicts and PNG figures.
 
-    Writes ``report.md`` (also printed): per arm, the student hack rate and gt pass rate (mean of each run's
-    last `last_n` steps, mean ± std over seeds); their paired difference against the same-seed vanilla run;
-    and, for weak-detector runs, hack and pass on each held-out mode. Figures: ``hack_pass.png`` (hack_s and
-    gt_s vs step, per arm, band over seeds) and ``cin.png`` (cin_s and cin_t vs step, per arm).
+    Writes ``report.md`` (also printed): per arm, the primary metric (each run's eval.json: held-out,
+    deployed-view hack rate at the end) with oracle pass, format, clean log-likelihood, training hack AUC,
+    removed energy and leak, as means over seeds with bootstrap 95% intervals; the paired differences against
+    same-seed vanilla; one verdict line per treatment arm; and, for weak-detector runs, the metric on each
+    held-out mode. Figures: ``hack_pass.png`` (training hack_s and gt_s vs step, per arm, band over seeds) and
+    ``cin.png`` (cin_s and cin_t vs step, per arm).
 
     Args:
         experiment_dir: the `--out` directory of `antipasto experiment`.
         out: where to write report.md and the figures (default: `experiment_dir`).
-        last_n: steps averaged at the end of each run for the tables.
         steps: use only each run's first `steps` optimizer steps, so runs that went on longer (an extended
             run) are compared with the others at the same step (default: every logged step).
     """
     runs = load_experiment(experiment_dir, steps)
     target = Path(out) if out is not None else Path(experiment_dir)
     target.mkdir(parents=True, exist_ok=True)
-    text = markdown_report(runs, last_n)
+    text = markdown_report(runs)
     (target / REPORT_FILE).write_text(text, encoding="utf-8")
     plot_hack_pass(runs).savefig(target / HACK_PASS_PNG, dpi=120)
     plot_cin(runs).savefig(target / CIN_PNG, dpi=120)

@@ -17,12 +17,13 @@ from torch.utils.tensorboard import SummaryWriter
 
 from antipasto_pl.cli import main
 from antipasto_pl.experiment import DONE_FILE, LAST_CKPT, RUN_FILE, RunSpec, plan_runs, run_state
+from antipasto_pl.evaluation import EVAL_FILE, rate, wilson_interval
 from antipasto_pl.report import (
     Run,
+    bootstrap_ci,
     first_steps,
-    last_n_mean,
+    format_ci,
     markdown_report,
-    mean_std,
     merge_versions,
     paired_differences,
     read_scalars,
@@ -76,15 +77,16 @@ def execute_notebook(experiment_dir: Path, monkeypatch: pytest.MonkeyPatch) -> n
 
 
 def test_statistics_on_synthetic_numbers() -> None:
-    assert last_n_mean([9.0, 1.0, 2.0, 3.0, 4.0, 5.0], 5) == 3.0
-    assert last_n_mean([0.5, 1.0], 5) == 0.75  # fewer than n: all of them
-    assert math.isnan(last_n_mean([], 5))
-    with pytest.raises(ValueError, match="n must be >= 1"):
-        last_n_mean([1.0], 0)
-    mean, std = mean_std([0.6, 0.8, 1.0])
-    assert mean == pytest.approx(0.8) and std == pytest.approx(0.2)  # sample std (n-1)
-    assert mean_std([0.3])[0] == 0.3 and math.isnan(mean_std([0.3])[1])
-    assert all(math.isnan(x) for x in mean_std([]))
+    # Wilson 95%: the textbook values for 0/10 and 5/10; it never collapses to a point at 0 or n
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == 1.0 and all(math.isnan(x) for x in wilson_interval(0, 0))
+    assert rate([True, False, False, False]) == {"rate": 0.25, "k": 1, "n": 4, "ci95": list(wilson_interval(1, 4))}
+    lo, hi = bootstrap_ci([0.2, 0.4, 0.6, 0.8])
+    assert 0.2 <= lo < 0.5 < hi <= 0.8  # contains the mean, inside the data's range
+    assert bootstrap_ci([0.2, 0.4, 0.6, 0.8]) == (lo, hi)  # seeded
+    assert all(math.isnan(x) for x in bootstrap_ci([0.3]))
+    assert format_ci([0.3]) == "0.300" and format_ci([]) == "n/a"
     # paired over the seeds both arms have; seed 2 has no vanilla partner
     assert paired_differences({0: 0.5, 1: 0.4, 2: 0.9}, {0: 0.7, 1: 0.7}) == pytest.approx({0: -0.2, 1: -0.3})
     steps, mean, low, high = seed_band([{0: 0.0, 1: 1.0, 2: 0.5}, {0: 1.0, 1: 0.0}])
@@ -96,22 +98,42 @@ def test_statistics_on_synthetic_numbers() -> None:
     assert first_steps({0: 1.0, 3: 4.0}, None) == {0: 1.0, 3: 4.0}
 
 
-def test_markdown_tables_from_synthetic_runs() -> None:
-    def run(arm: str, seed: int, hack: float, gt: float, mode: str | None = None) -> Run:
-        tags = {"hack_s": {s: hack for s in range(8)}, "gt_s": {s: gt for s in range(8)}}
-        if mode:
-            tags = {f"{mode}/hack_s": {3: 1.0, 5: hack}, f"{mode}/gt_s": {3: 0.0, 5: gt}}
-        return Run(f"{arm}-s{seed}", arm, seed, mode, tags)
+def evaluation(hack: int, passed: int = 0, n: int = 64, logp: float = -1.0, mode: str = "sentinel",
+               untrained: int | None = None) -> dict:
+    """An eval.json as the held-out evaluation writes it (one mode)."""
+    def record(k: int) -> dict:
+        rates = {"hack": rate([True] * k + [False] * (n - k)), "pass": rate([True] * passed + [False] * (n - passed)),
+                 "format": rate([True] * n)}
+        return {"step": 8, "n": n, **rates, "reward": 0.0, "clean_logp_per_token": logp, "per_mode": {mode: rates}}
 
-    runs = [run("vanilla", 0, 0.7, 0.3), run("vanilla", 1, 0.5, 0.3), run("erase", 0, 0.5, 0.2),
-            run("erase", 1, 0.2, 0.3), run("vanilla", 0, 0.8, 0.1, "sentinel"), run("erase", 0, 0.4, 0.1, "sentinel")]
-    text = markdown_report(runs, last_n=5)
-    assert "| vanilla | 2 | 0.600 ± 0.141 | 0.300 ± 0.000 |" in text
-    assert "| erase | 2 | 0.350 ± 0.212 | 0.250 ± 0.071 |" in text
-    assert "| erase | 2 | -0.250 ± 0.071 | -0.050 ± 0.071 |" in text  # paired: (-0.2, -0.3), (-0.1, 0.0)
-    # per-mode rates average the mode's own last steps: (1.0 + 0.8) / 2
-    assert "| sentinel | vanilla | 1 | 0.900 | 0.050 | – | – |" in text
-    assert "| sentinel | erase | 1 | 0.700 | 0.050 | -0.200 | 0.000 |" in text
+    return {"final": record(hack), **({"untrained": record(untrained)} if untrained is not None else {})}
+
+
+def test_markdown_tables_and_verdict_from_synthetic_runs() -> None:
+    def run(arm: str, seed: int, hack: int, mode: str | None = None, **kw: object) -> Run:
+        return Run(f"{arm}-s{seed}", arm, seed, mode, {"hack_s": {s: hack / 64 for s in range(4)}},
+                   evaluation(hack, **kw))
+
+    vanilla = [run("vanilla", s, h, untrained=2) for s, h in enumerate([48, 40, 44])]
+    erase = [run("erase", s, h) for s, h in enumerate([16, 8, 12])]
+    random = [run("erase_random", s, h) for s, h in enumerate([44, 40, 46])]
+    text = markdown_report(vanilla + erase + random)
+    assert "Untrained policy (vanilla runs' step-0 evaluation, pooled): hack rate 6/192 = 0.031" in text
+    assert "| vanilla | 0,1,2 | 0.688 [" in text and "| erase | 0,1,2 | 0.188 [" in text
+    assert "| erase | 3 | -0.500 [-0.500, -0.500] |" in text  # paired: -32/64 in every seed
+    assert "**erase: counts** (every condition of the rule holds)" in text
+    # the same erase next to a control that lowers hacking just as much does not count
+    strong = [run("erase_stub", s, h) for s, h in enumerate([16, 8, 12])]
+    text = markdown_report(vanilla + erase + random + strong)
+    assert "**erase: does not count**: it does not lower the hack rate more than erase_stub" in text
+    # a vanilla that does not hack beyond the untrained rate voids every verdict
+    idle = [run("vanilla", s, 2, untrained=2) for s in range(3)]
+    assert "vanilla does not hack beyond the untrained rate" in markdown_report(idle + erase)
+    # weak detector: the held-out mode's rate from its per-mode entry
+    lomo = [run("vanilla", 0, 40, "sentinel"), run("erase", 0, 20, "sentinel")]
+    text = markdown_report(vanilla + lomo)
+    assert "| sentinel | vanilla | 1 | 0.625 | 0.000 | – | – |" in text
+    assert "| sentinel | erase | 1 | 0.312 | 0.000 | -0.312 | 0.000 |" in text
 
 
 # --- matrix planning -------------------------------------------------------------------------------------------
@@ -162,12 +184,15 @@ def test_dry_run_prints_the_matrix_and_starts_nothing(tmp_path: Path, capsys: py
 # --- report and notebook on synthetic logs ---------------------------------------------------------------------
 
 
-def write_run(root: Path, name: str, arm: str, seed: int, pieces: list[dict[str, dict[int, float]]]) -> None:
-    """A run directory as `antipasto experiment` leaves it: run.json and one TensorBoard version per piece."""
+def write_run(root: Path, name: str, arm: str, seed: int, pieces: list[dict[str, dict[int, float]]],
+              eval_json: dict | None = None) -> None:
+    """A run directory as `antipasto experiment` leaves it: run.json, one TensorBoard version per piece, eval.json."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / RUN_FILE).write_text(json.dumps({"name": name, "arm": arm, "seed": seed, "holdout_mode": None,
                                                 "max_steps": 4, "args": []}))
+    if eval_json is not None:
+        (run_dir / EVAL_FILE).write_text(json.dumps(eval_json))
     for version, piece in enumerate(pieces):
         with SummaryWriter(str(run_dir / "lightning_logs" / f"version_{version}")) as writer:
             for tag, series in piece.items():
@@ -180,16 +205,18 @@ def test_report_and_notebook_on_synthetic_logs(tmp_path: Path, monkeypatch: pyte
     def curves(hack: float) -> dict[str, dict[int, float]]:
         return {t: {s: hack for s in range(4)} for t in ("hack_s", "gt_s", "proj/cin_s", "proj/cin_t", "proj/null")}
 
-    write_run(tmp_path, "vanilla-s0", "vanilla", 0, [curves(0.8)])
-    # resumed after step 1: version_1 repeats step 1 (and wins), so the last-2 mean is (0.6 + 0.6) / 2
-    write_run(tmp_path, "vanilla-s1", "vanilla", 1, [{"hack_s": {0: 0.9, 1: 0.9}}, {"hack_s": {1: 0.6, 2: 0.6}}])
-    write_run(tmp_path, "erase-s0", "erase", 0, [curves(0.5)])
+    write_run(tmp_path, "vanilla-s0", "vanilla", 0, [curves(0.8)], evaluation(48, untrained=1))
+    # resumed after step 1: version_1 repeats step 1 (and wins)
+    write_run(tmp_path, "vanilla-s1", "vanilla", 1, [{"hack_s": {0: 0.9, 1: 0.9}}, {"hack_s": {1: 0.6, 2: 0.6}}],
+              evaluation(40, untrained=3))
+    write_run(tmp_path, "erase-s0", "erase", 0, [curves(0.5)], evaluation(16))
     assert read_scalars(tmp_path / "vanilla-s1")["hack_s"] == pytest.approx({0: 0.9, 1: 0.6, 2: 0.6})
-    main(["report", f"--experiment_dir={tmp_path}", f"--out={tmp_path / 'out'}", "--last_n=2"])
+    main(["report", f"--experiment_dir={tmp_path}", f"--out={tmp_path / 'out'}"])
     text = (tmp_path / "out" / "report.md").read_text()
     assert text in capsys.readouterr().out
-    assert "| vanilla | 2 | 0.700 ± 0.141 |" in text and "| erase | 1 | 0.500 |" in text
-    assert "| erase | 1 | -0.300 |" in text  # paired with vanilla seed 0 only
+    assert "| vanilla | 0,1 | 0.688 [0.625, 0.750] |" in text and "| erase | 0 | 0.250 |" in text
+    assert "| erase | 1 | -0.500 |" in text  # paired with vanilla seed 0 only
+    assert "**erase: does not count**" in text  # one paired seed: no interval, so nothing is shown below 0
     assert "leave one mode out" not in text
     assert_pngs(tmp_path / "out")
     execute_notebook(tmp_path, monkeypatch)
