@@ -68,7 +68,7 @@ class AntipastoDataModule(L.LightningDataModule):
     """Problems, pairs and teacher pool for one run, configured from YAML.
 
     Args:
-        problems: Problem source: "builtin", "humaneval", or a path to a .jsonl dataset.
+        problems: Problem source: "builtin", "easy", "humaneval" or a .jsonl path; "+" joins several ("builtin+easy").
         modes: Loophole modes whose problems are trained / validated on (default: all).
         val_fraction: Fraction of each mode's problems held out for validation.
         seed: Seed of the split, the per-epoch prompt order and the pairs.
