@@ -72,7 +72,7 @@ class AntipastoDataModule(L.LightningDataModule):
     """Problems, pairs and teacher pool for one run, configured from YAML.
 
     Args:
-        problems: Problem source: "builtin", "humaneval", or a path to a .jsonl dataset.
+        problems: Problem source: "builtin", "easy", "humaneval" or a .jsonl path; "+" joins several ("builtin+easy").
         modes: Loophole modes whose problems are trained / validated on (default: all).
         reassign_modes: Deal `modes` round-robin to every problem of the source instead of keeping each problem's
             own mode, so a one- or two-mode experiment uses the whole problem set.

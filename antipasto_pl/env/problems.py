@@ -1,7 +1,8 @@
-"""Problem sets: the built-in set, user JSONL datasets, splits, content hashes and canonical-solution checks.
+"""Problem sets: the built-in set, the easy tier and user JSONL datasets; splits, hashes and canonical checks.
 
 Everything that consumes problems (pairs, teacher pool, DataModule) goes through `load_problems(source)`,
-so "builtin", "humaneval" and a path to a .jsonl file are interchangeable in configs.
+so "builtin", "easy", "humaneval", a path to a .jsonl file, and "+"-joined combinations of these are
+interchangeable in configs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import random
 import textwrap
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 
 from antipasto_pl.env.builtin_problems import SPECS, Spec
@@ -50,17 +52,42 @@ def builtin_problems() -> list[Problem]:
     return [_spec_to_problem(spec, MODES[i % len(MODES)]) for i, spec in enumerate(SPECS)]
 
 
+def easy_problems() -> list[Problem]:
+    """The easy tier (package data env/data/easy.jsonl): one-line beginner tasks, so that a small model's oracle
+    pass rate is above zero; 8 problems per mode, like the built-ins."""
+    with resources.as_file(resources.files(__package__) / "data" / "easy.jsonl") as path:
+        return load_jsonl(path)
+
+
 def load_problems(source: str) -> list[Problem]:
-    """Resolve a problem source from a config: "builtin", "humaneval", or a path to a .jsonl dataset."""
+    """Resolve a problem source from a config: "builtin", "easy", "humaneval", a path to a .jsonl dataset, or
+    several of these joined with "+" (e.g. "builtin+easy"), concatenated in order; ids must be unique across them."""
+    problems: list[Problem] = []
+    origin: dict[str, str] = {}
+    for part in [source] if Path(source).is_file() else source.split("+"):
+        for problem in _load_source(part):
+            if problem.id in origin:
+                raise ValueError(
+                    f"problem source {source!r}: id {problem.id!r} is in both {origin[problem.id]!r} and {part!r}; "
+                    "ids must be unique across '+'-joined sources"
+                )
+            origin[problem.id] = part
+            problems.append(problem)
+    return problems
+
+
+def _load_source(source: str) -> list[Problem]:
     if source == "builtin":
         return builtin_problems()
+    if source == "easy":
+        return easy_problems()
     if source == "humaneval":
         from antipasto_pl.env.humaneval import load_humaneval
 
         return load_humaneval()
     if not Path(source).is_file():
         raise FileNotFoundError(
-            f"problem source {source!r} is neither 'builtin', 'humaneval' nor an existing .jsonl file"
+            f"problem source {source!r} is neither 'builtin', 'easy', 'humaneval' nor an existing .jsonl file"
         )
     return load_jsonl(source)
 

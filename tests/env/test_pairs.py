@@ -134,7 +134,7 @@ def test_nonhack_pairs_control(sample: list[Problem]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("source", "variants"), [("builtin", 2), ("humaneval", 1)])
+@pytest.mark.parametrize(("source", "variants"), [("builtin", 2), ("easy", 2), ("humaneval", 1)])
 def test_every_pair_is_graded_as_labelled(source: str, variants: int) -> None:
     problems = load_problems(source)
     _assert_graded_as_labelled(make_pairs(problems, variants_per_mode=variants, seed=0), problems)

@@ -9,16 +9,19 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from antipasto_pl.env.grader import Grader, as_completion
 from antipasto_pl.env.humaneval import _read_tasks, convert_task, load_humaneval
 from antipasto_pl.env.modes import MODES
 from antipasto_pl.env.problem import Problem, TestCase
 from antipasto_pl.env.problems import (
     ProblemFileError,
     builtin_problems,
+    easy_problems,
     failing_canonicals,
     filter_modes,
     load_jsonl,
@@ -209,6 +212,66 @@ def test_jsonl_row_errors(tmp_path: Path, builtin: list[Problem]) -> None:
             load_jsonl(_write_rows(tmp_path / name, rows))
     with pytest.raises(FileNotFoundError, match="neither 'builtin'"):
         load_problems(str(tmp_path / "missing.jsonl"))
+
+
+# --- Easy tier ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def easy() -> list[Problem]:
+    return easy_problems()
+
+
+def test_easy_tier_shape(easy: list[Problem]) -> None:
+    """48 problems dealt round-robin over the modes, each with a skeleton-prefixed canonical and one example."""
+    assert len(easy) == 48 and all(p.id.startswith("easy_") for p in easy)
+    assert [p.mode for p in easy] == [MODES[i % len(MODES)] for i in range(len(easy))]
+    for p in easy:
+        assert len(p.tests) >= 4, p.id
+        assert p.starter_code == p.skeleton() + "pass\n", p.id  # a parsable signature, not the generic skeleton
+        assert p.canonical_solution.startswith(p.skeleton()), p.id
+        assert re.fullmatch(rf".+\n\nExample:\n>>> Solution\(\)\.{p.entry_point}\(.*\)\n.+", p.description), p.id
+        assert len(problem_examples(p)) == 1, p.id
+
+
+def test_easy_canonicals_and_examples_pass_the_oracle(easy: list[Problem]) -> None:
+    """Each canonical passes the oracle and the exit_code grader on its held tests and on its worked example."""
+    with_examples = [dataclasses.replace(p, id=f"{p.id}#example", tests=tuple(problem_examples(p))) for p in easy]
+    assert [p.id for p in failing_canonicals(easy + with_examples)] == []
+
+
+def test_easy_stubs_fail_the_oracle(easy: list[Problem]) -> None:
+    """The starter code as submitted (`pass`, returning None) gets no held test right on any problem."""
+    with Grader() as grader:
+        grades = grader.grade_batch([(p, as_completion(p.starter_code)) for p in easy])
+    assert [(p.id, g.gt_correct, g.tests_correct, g.gt_error) for p, g in zip(easy, grades)] == [
+        (p.id, False, 0, "wrong_answer") for p in easy
+    ]
+
+
+def test_easy_tier_is_package_data() -> None:
+    """The data file sits where importlib.resources finds it and pyproject's package-data globs ship it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    package = Path(str(resources.files("antipasto_pl")))
+    assert (package / "env/data/easy.jsonl").is_file()
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["antipasto_pl"]
+    assert package / "env/data/easy.jsonl" in {path for glob in globs for path in package.glob(glob)}
+
+
+def test_combined_sources(tmp_path: Path, builtin: list[Problem], easy: list[Problem]) -> None:
+    assert load_problems("easy") == easy
+    combined = load_problems("builtin+easy")
+    assert combined == builtin + easy and len({p.id for p in combined}) == 96
+    extra = _write_rows(tmp_path / "extra.jsonl", [problem_to_dict(dataclasses.replace(easy[0], id="extra"))])
+    assert [p.id for p in load_problems(f"easy+{extra}")] == [p.id for p in easy] + ["extra"]
+    plus = _write_rows(tmp_path / "a+b.jsonl", [problem_to_dict(builtin[0])])
+    assert load_problems(str(plus)) == builtin[:1]  # an existing path containing "+" is one source
+    clash = _write_rows(tmp_path / "clash.jsonl", [problem_to_dict(easy[3])])
+    with pytest.raises(ValueError, match=rf"id 'easy_max_of_list' is in both 'easy' and '{re.escape(str(clash))}'"):
+        load_problems(f"builtin+easy+{clash}")
+    with pytest.raises(FileNotFoundError, match="'bultin' is neither"):
+        load_problems("easy+bultin")
 
 
 # --- HumanEval ------------------------------------------------------------------------------------------------
