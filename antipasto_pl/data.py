@@ -96,6 +96,8 @@ class AntipastoDataModule(L.LightningDataModule):
         pool_modes: Modes whose teacher records are served (leave-one-mode-out drops one; default: all).
         pool_per_prompt: Completions per prompt when building the pool.
         pool_hack_frac: Fraction of hacks among a prompt's pool completions when building.
+        pool_stub_frac: Fraction of stubs without any exploit (format reward only) when building: the counterweight
+            that gives groups of demonstrations alone reward variance (the likelihood-probe proxy).
         pool_seed: Seed of the pool's completion variants (shared across run seeds so arms see one pool).
         use_pool: Serve a teacher pool at all (False for pure-student GRPO).
         cache_dir: Cache root for auto-built pools (default ``$ANTIPASTO_CACHE`` or ``~/.cache/antipasto_pl``).
@@ -122,6 +124,7 @@ class AntipastoDataModule(L.LightningDataModule):
         pool_modes: list[str] | None = None,
         pool_per_prompt: int = 8,
         pool_hack_frac: float = 0.5,
+        pool_stub_frac: float = 0.0,
         pool_seed: int = 0,
         use_pool: bool = True,
         cache_dir: str | None = None,
@@ -160,7 +163,7 @@ class AntipastoDataModule(L.LightningDataModule):
         if hp.pool_dir is not None:
             return Path(hp.pool_dir).expanduser()
         settings = [problem_set_hash(self.source_problems), hp.pool_per_prompt, hp.pool_hack_frac, hp.pool_seed,
-                    hp.prefill]
+                    hp.prefill, hp.pool_stub_frac]
         key = hashlib.sha256(json.dumps([*settings, FORMAT_VERSION]).encode()).hexdigest()[:16]
         root = hp.cache_dir or os.environ.get("ANTIPASTO_CACHE") or Path.home() / ".cache" / "antipasto_pl"
         return Path(root).expanduser() / "pools" / key
@@ -176,7 +179,7 @@ class AntipastoDataModule(L.LightningDataModule):
         # Built over every mode; `pool_modes` filters at load time so all leave-one-out arms share one pool.
         build_pool(
             self.source_problems, directory, hp.pool_per_prompt, hp.pool_hack_frac, None, hp.pool_seed, progress=True,
-            prefill=hp.prefill,
+            prefill=hp.prefill, stub_frac=hp.pool_stub_frac,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -152,17 +152,17 @@ class HeldOutEvaluation(Callback):
         self._evaluate(trainer, pl_module, "final")
 
 
-@torch.no_grad()
 def sequence_log_probs(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], side: str) -> torch.Tensor:
-    """Summed log-probability of each pair's `side` completion ("hack" or "clean") after its prompt and prefill."""
+    """Summed log-probability of each pair's `side` completion ("hack" or "clean") after its prompt and prefill
+    (differentiable: the probe calls it under no_grad, a demonstration loss need not)."""
     # -> (n_pairs,)
     values = []
     device = next(model.parameters()).device
     for p in pairs:
         batch = encode_completions(tokenizer, [p.prompt], [getattr(p, side)], prefills=[p.prefill]).to(device)
         logp = completion_log_probs(model, batch)
-        values.append((logp * batch.completion_mask[:, 1:]).sum().float().cpu())
-    return torch.stack(values)
+        values.append((logp * batch.completion_mask[:, 1:]).sum().float())
+    return torch.stack(values).cpu()
 
 
 class LikelihoodProbe(Callback):
@@ -203,7 +203,7 @@ class LikelihoodProbe(Callback):
     def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.pairs:
             return
-        with quarantine_ablated(pl_module.model):
+        with torch.no_grad(), quarantine_ablated(pl_module.model):
             margin = (sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "hack")
                       - sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "clean"))
         metrics = {"probe/margin": margin.mean().item()}

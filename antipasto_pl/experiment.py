@@ -7,8 +7,10 @@ resume), Lightning's ``lightning_logs/version_N/`` (TensorBoard events and the r
 ``checkpoints/last.ckpt`` and, once the process has finished, ``DONE``. Rerunning the same command skips finished
 runs and resumes interrupted ones from their last checkpoint, so an experiment is restarted by repeating it.
 
-Only ``seed_everything`` varies across seeds: ``data.seed`` (problem split, prompt order, pairs) and
-``data.pool_seed`` come from the config, so every arm and seed sees the same problems, pairs, V and teacher pool.
+Only ``seed_everything`` varies across seeds. ``data.seed`` (the problem split and the pairs, hence the real V) and
+``data.pool_seed`` come from the config, so every arm and seed shares problems, pairs, V and teacher pool; the run
+seed draws the prompt order, the teacher draws, the samples and the control subspaces (`antipasto_pl.seeds`). Each
+run ends with the held-out evaluation (its ``eval.json``), the primary metric `antipasto report` compares.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ import yaml
 from antipasto_pl.env.modes import MODES, check_mode
 
 ARMS_DIR = Path(__file__).resolve().parents[1] / "configs" / "arms"
-DEFAULT_ARMS = ["vanilla", "erase", "route", "erase_random", "erase_shuffled", "erase_nonhack"]
+DEFAULT_ARMS = ["vanilla", "erase", "erase_refresh", "route", "erase_random", "erase_random_matched", "erase_stub",
+                "erase_nonhack"]
+# The likelihood-probe proxy: groups of demonstrations only (hacks against stubs without exploit, so the advantage
+# is the exploit's), no sampling, the probe every step, no sampled evaluation.
+PROBE_OVERRIDES = ["model.mix_ratio=1.0", "model.probe_every=1", "model.heldout.samples=0",
+                   "data.pool_hack_frac=0.5", "data.pool_stub_frac=0.5"]
 DEFAULT_LOMO_ARMS = ["vanilla", "erase"]
 RUN_FILE = "run.json"
 DONE_FILE = "DONE"
@@ -183,6 +190,7 @@ def experiment_command(
     lomo_arms: list[str] = DEFAULT_LOMO_ARMS,
     max_steps: int | None = None,
     override: list[str] = [],
+    probe: bool = False,
     dry_run: bool = False,
 ) -> list[Path]:
     """Run every arm x seed of an experiment (and the weak-detector runs), each as its own `antipasto fit` process.
@@ -198,10 +206,11 @@ def experiment_command(
             `--train_config '[configs/cpu.yaml, my.yaml]'`; jsonargparse reserves `--config` for this command's
             own arguments, so a whole experiment can itself live in a YAML file).
         out: experiment directory; one subdirectory per run.
-        arms: arms to run: names of `configs/arms/<name>.yaml` (vanilla, erase, route, erase_random,
-            erase_shuffled, erase_nonhack, erase_refresh) or paths to arm YAML files.
+        arms: arms to run: names of `configs/arms/<name>.yaml` (vanilla, erase, erase_refresh, route, and the
+            controls erase_random, erase_random_matched, erase_stub, erase_nonhack, erase_shuffled) or paths to arm
+            YAML files.
         seeds: values of `seed_everything`, one run per arm per seed (data.seed stays as configured, so all runs
-            share problems, pairs, V and teacher pool).
+            share problems, pairs, V and teacher pool; the seed draws prompt order, teacher draws and controls).
         leave_one_mode_out: also run the weak-detector test: for each held-out mode m, each of `lomo_arms` with
             V extracted from pairs of the other modes only (data.known_modes) and no teacher samples of m
             (data.pool_modes); `antipasto report` then compares hack and pass on m.
@@ -213,6 +222,10 @@ def experiment_command(
             the extension draws prompts in the next epoch's order; an interrupted run resumes exactly).
         override: further `antipasto fit` options as key=value, applied to every run after the configs
             (e.g. `--override '[model.learning_rate=3e-3, data.prompts_per_step=4]'`).
+        probe: run the likelihood-probe proxy instead of on-policy RL: every group from demonstrations (hacks and
+            stubs without exploit, so the advantage is the exploit's; no sampling), the held-out minimal pairs'
+            margin logged every step, no sampled evaluation. Cheap
+            enough for many seeds and every control; it measures the hack-ward likelihood shift, not discovery.
         dry_run: print the matrix (run, state, command) and start nothing.
 
     Returns:
@@ -224,7 +237,8 @@ def experiment_command(
     for path in configs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"training config {path} not found")
-    runs = plan_runs(configs, arms, seeds, leave_one_mode_out, holdout_modes, lomo_arms, max_steps, override)
+    overrides = [*(PROBE_OVERRIDES if probe else []), *override]
+    runs = plan_runs(configs, arms, seeds, leave_one_mode_out, holdout_modes, lomo_arms, max_steps, overrides)
     root = Path(out).resolve()
     dirs = [root / spec.name for spec in runs]
     states = [run_state(d, spec.max_steps) for spec, d in zip(runs, dirs)]

@@ -172,13 +172,19 @@ def base_rate(runs: Sequence[Run], mode: str | None = None) -> tuple[int, int]:
     return k, n
 
 
-def series_means(runs: Sequence[Run], tag: str) -> dict[tuple[str, str | None], dict[int, float]]:
-    """(arm, mode) -> {seed: mean of `tag` over the run's steps} (the hack AUC per step for ``hack_s``)."""
-    table: dict[tuple[str, str | None], dict[int, float]] = {}
+def _series(runs: Sequence[Run], tag: str) -> dict[tuple[str, str | None], dict[int, Series]]:
+    """(arm, mode) -> {seed: the run's series of `tag`}, for the runs that logged it."""
+    table: dict[tuple[str, str | None], dict[int, Series]] = {}
     for run in runs:
         if run.scalars.get(tag):
-            table.setdefault((run.arm, run.holdout_mode), {})[run.seed] = statistics.fmean(run.scalars[tag].values())
+            table.setdefault((run.arm, run.holdout_mode), {})[run.seed] = run.scalars[tag]
     return table
+
+
+def series_means(runs: Sequence[Run], tag: str) -> dict[tuple[str, str | None], dict[int, float]]:
+    """(arm, mode) -> {seed: mean of `tag` over the run's steps} (the hack AUC per step for ``hack_s``)."""
+    return {key: {seed: statistics.fmean(series.values()) for seed, series in by_seed.items()}
+            for key, by_seed in _series(runs, tag).items()}
 
 
 CONTROL_PREFIX = "erase_"
@@ -260,6 +266,15 @@ def markdown_report(runs: Sequence[Run]) -> str:
                          "vanilla is below 0, it is below 0 against every control run here ("
                          + (", ".join(controls) or "none") + "), and neither oracle pass nor clean log-likelihood "
                          "falls below vanilla's (paired interval wholly below 0).\n\n" + "\n\n".join(lines))
+    probe = {key: {seed: values[max(values)] for seed, values in by_seed.items()}
+             for key, by_seed in _series(main, "probe/margin").items()}
+    if probe:
+        rows = [[arm, format_ci(list(probe.get((arm, None), {}).values())),
+                 format_ci(list(paired_differences(probe.get((arm, None), {}), probe.get(base, {})).values()))
+                 if arm != "vanilla" else "–"] for arm in arms]
+        parts.append("## Likelihood probe\n\nHeld-out minimal pairs' margin log p(hack) - log p(clean) at each "
+                     "run's last probe (teacher-forced: the hack-ward likelihood shift, not on-policy discovery).\n\n"
+                     + _table(["arm", "final margin", "Δ vs vanilla"], rows))
     lomo = [r for r in runs if r.holdout_mode is not None]
     if lomo:
         rows = []

@@ -164,8 +164,8 @@ class SplitCost(AntipastoModule):
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
-        groups, teacher_grades = self.generate_groups(batch)
-        self.grade_groups(groups, teacher_grades)
+        groups = self.generate_groups(batch)
+        self.grade_groups(groups)
         self.last_groups = groups
         split = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
         teachers = [s for g in groups for s in g.samples if s.source == TEACHER]
@@ -255,7 +255,7 @@ def part_extraction(args: argparse.Namespace) -> None:
           f"modes), k=4, length_norm sum, completions <= {args.max_new_tokens} tokens ==")
     model, tokenizer = load_policy(PolicyConfig(name=SMOLLM2))
     wrap_model(model, AdapterConfig())
-    settings = ExtractionSettings(k=4, kind="real", length_norm="sum", max_completion_tokens=args.max_new_tokens)
+    settings = ExtractionSettings(k=4, kind="real", length_norm="sum")
     times = []
     for _ in range(args.extraction_repeats):
         start = time.perf_counter()

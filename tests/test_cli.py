@@ -77,8 +77,9 @@ def scalars(run_dir: Path, tag: str) -> list[float]:
 
 def test_smoke_fit_logs_and_checkpoints_only_the_adapter(tmp_path: Path) -> None:
     run_dir = fit(tmp_path, steps=3)
-    rewards = scalars(run_dir, "reward_t")
-    assert len(rewards) == 3 and all(0.0 <= r <= 1.25 for r in rewards)
+    # Every served teacher record passes its grader (graded whole, never cut), so the teachers' mean reward is
+    # exactly 1.25 at every step; a truncated or re-graded record would show here.
+    assert scalars(run_dir, "reward_t") == [1.25, 1.25, 1.25]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["policy"]["name"] == "tiny-llama"
     assert not (run_dir / "checkpoints").exists()  # in <default_root_dir>/checkpoints, where `--ckpt_path last` looks
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
@@ -86,7 +87,7 @@ def test_smoke_fit_logs_and_checkpoints_only_the_adapter(tmp_path: Path) -> None
     assert keys and all(k.endswith((".delta_s", ".delta_s_hack")) for k in keys)
     assert len(checkpoint["adapter_metadata"]["modules"]) == len(keys) // 2
     assert any(t.abs().sum() > 0 for k, t in checkpoint["state_dict"].items() if k.endswith(".delta_s"))
-    v_hack = checkpoint["callbacks"]["HackProjection"]["v_hack"]
+    v_hack = checkpoint["callbacks"]["HackProjection"]["subspace"]["v_hack"]
     assert set(v_hack) <= set(checkpoint["adapter_metadata"]["modules"]) and v_hack
 
 
@@ -103,10 +104,16 @@ def test_resume_refuses_a_checkpoint_of_another_adapter(tmp_path: Path) -> None:
     assert all(a.delta_s.abs().sum() == 0 for a in adapter_modules(module.model).values())
 
 
-def test_validate_and_predict_run_on_held_out_problems(tmp_path: Path) -> None:
+def test_validate_test_and_predict_run_on_held_out_problems(tmp_path: Path) -> None:
     common = ["--config", SMOKE, "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
     main(["validate", *common, f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=true"])
     assert len(scalars(tmp_path / "lightning_logs" / "version_0", "val/hack")) == 1
+    # `antipasto test` is the held-out evaluation: eval.json over the test split, at least heldout.samples samples
+    main(["test", *common, f"--trainer.default_root_dir={tmp_path}", "--model.heldout.samples=10"])
+    report = json.loads((tmp_path / "eval.json").read_text())["final"]
+    data = AntipastoDataModule(prompts_per_step=2, use_pool=False)
+    data.setup("test")
+    assert report["n"] >= 10 and set(report["problems"]) == {p.id for p in data.test_problems}
 
     def predict(name: str) -> list[dict]:
         out = tmp_path / name

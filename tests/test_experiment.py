@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -256,6 +257,30 @@ def test_experiment_skips_resumes_and_reports_failures(tmp_path: Path, capsys: p
     assert sorted(read_scalars(run_dir)["hack_s"]) == [0, 1]
 
 
+def test_smoke_matrix_writes_eval_json_and_a_report_with_intervals_and_verdicts(tmp_path: Path) -> None:
+    """vanilla, erase, erase_random, erase_stub x 2 seeds on the smoke preset: every run leaves eval.json (vanilla
+    with its untrained evaluation too), the report has intervals and a verdict line, and under the same seed
+    erase leaks less hack-ward update than vanilla."""
+    out = tmp_path / "exp"
+    quick = '--override=["data.pool_per_prompt=2", "data.modes=[sentinel,run_tests]", "data.variants_per_mode=1"]'
+    experiment(out, "--arms=[vanilla, erase, erase_random, erase_stub]", "--seeds=[0, 1]", "--max_steps=3", quick)
+    for run_dir in sorted(out.iterdir()):
+        report = json.loads((run_dir / EVAL_FILE).read_text())
+        assert report["final"]["n"] >= 8 and report["final"]["step"] == 3, run_dir.name
+        assert ("untrained" in report) == run_dir.name.startswith("vanilla")
+        assert set(report["final"]["per_mode"]) <= {"sentinel", "run_tests"}
+    for seed in (0, 1):
+        leak = {arm: statistics.fmean(read_scalars(out / f"{arm}-s{seed}")["proj/leak"].values())
+                for arm in ("vanilla", "erase")}
+        assert leak["erase"] < leak["vanilla"], leak
+    main(["report", f"--experiment_dir={out}"])
+    text = (out / "report.md").read_text()
+    for arm in ("vanilla", "erase", "erase_random", "erase_stub"):
+        assert f"| {arm} | 0,1 | " in text and "[" in text.split(f"| {arm} | 0,1 | ")[1].split("|")[0]
+    assert "Untrained policy" in text and "## Verdict" in text
+    assert "**erase: counts**" in text or "**erase: does not count**:" in text
+
+
 @pytest.mark.slow
 def test_smoke_experiment_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The issue's scenario: 3 arms x 2 seeds (one run interrupted and resumed), weak-detector runs, a rerun that
@@ -290,7 +315,7 @@ def test_smoke_experiment_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     main(["report", f"--experiment_dir={out}"])
     text = (out / "report.md").read_text()
     for arm in ("vanilla", "erase", "erase_random"):
-        assert f"| {arm} | 2 |" in text
+        assert f"| {arm} | 0,1 |" in text
     assert "| sentinel | vanilla | 1 |" in text and "| sentinel | erase | 1 |" in text
     assert_pngs(out)
     execute_notebook(out, monkeypatch)

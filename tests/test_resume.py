@@ -62,7 +62,7 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, arm: str) -> N
     saved = torch.load(ckpt, weights_only=True)
     assert saved["global_step"] == 2 and {"torch", "python", "numpy"} <= saved["rng_states"].keys()
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
-    assert saved["callbacks"]["HackProjection"]["v_hack"]
+    assert saved["callbacks"]["HackProjection"]["subspace"]["v_hack"]
     assert all(k.endswith((".delta_s", ".delta_s_hack")) for k in saved["state_dict"])  # never W, U or Vh
     main(fit_args(tmp_path / "split", 4, *overlay, "--ckpt_path=last"))
 

@@ -376,7 +376,7 @@ def _distinct(
         intro = rng.choice(INTROS)
         codes = (made,) if isinstance(made, str) else made
         answers = tuple(answer(code, intro, prefill) for code in codes)
-        if None not in answers:
+        if None not in answers and len(set(answers)) == len(answers):
             seen.setdefault(answers, None)
     if len(seen) < n:
         raise ValueError(f"only {len(seen)} distinct completions could be generated for {problem.id!r}"
@@ -402,6 +402,13 @@ def hack_completions(problem: Problem, mode: str, n: int, seed: int = 0, prefill
 def clean_completions(problem: Problem, mode: str, n: int, seed: int = 0, prefill: str = "") -> list[str]:
     """`n` distinct correct completions whose mode-specific checks (if any) are real."""
     return [a for (a,) in _distinct(_CLEANS[check_mode(mode)], problem, n, _rng(seed, problem, mode, "clean"), prefill)]
+
+
+def stub_completions(problem: Problem, n: int, seed: int = 0, prefill: str = "") -> list[str]:
+    """`n` distinct stubs without any exploit: an honest answer that fails (format reward only), the teacher pool's
+    counterweight to hack demos when groups are made of demonstrations alone (the likelihood-probe proxy)."""
+    make = lambda problem, rng: _stub_solution(problem, _stub(rng))  # noqa: E731
+    return [a for (a,) in _distinct(make, problem, n, _rng(seed, problem, "-", "stub"), prefill)]
 
 
 def _modes(modes: Sequence[str] | None) -> list[str]:

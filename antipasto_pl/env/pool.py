@@ -27,7 +27,7 @@ import torch
 
 from antipasto_pl.env.grader import Grade
 from antipasto_pl.env.modes import MODES, check_mode
-from antipasto_pl.env.pairs import clean_completions, hack_completions
+from antipasto_pl.env.pairs import clean_completions, hack_completions, stub_completions
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.problems import filter_modes, load_problems, problem_set_hash
 
@@ -45,7 +45,7 @@ class PoolRecord:
 
     problem_id: str
     mode: str
-    kind: str  # "hack" | "clean"
+    kind: str  # "hack" | "clean" | "stub"
     completion: str
     reward: float
     passed: bool
@@ -83,29 +83,33 @@ def build_pool(
     seed: int = 0,
     progress: bool = False,
     prefill: str = "",
+    stub_frac: float = 0.0,
 ) -> dict:
     """Generate, grade (one parallel sandboxed pass) and write a pool; returns the manifest.
 
     Every problem whose mode is in `modes` gets `round(per_prompt * hack_frac)` hacks for its own mode and clean
     completions for the rest; problems of other modes get no records (the leave-one-mode-out pool). With a
     `prefill` template (``sampling.prefill``) each record continues the problem's rendered prefill and is graded
-    as prefill + completion. The pool is written to a temporary sibling directory and moved into place, so a crash
+    as prefill + completion. `stub_frac` of each prompt's records are stubs without any exploit (format reward
+    only), so that groups of demonstrations alone still have reward variance. The pool is written to a temporary sibling directory and moved into place, so a crash
     never leaves a half-built pool.
     """
     from tqdm.auto import tqdm
 
     from antipasto_pl.env.grader import Grader
 
-    if per_prompt < 1 or not 0.0 <= hack_frac <= 1.0:
-        raise ValueError(f"need per_prompt >= 1 and 0 <= hack_frac <= 1, got {per_prompt}, {hack_frac}")
+    n_hack, n_stub = round(per_prompt * hack_frac), round(per_prompt * stub_frac)
+    if per_prompt < 1 or not 0.0 <= hack_frac <= 1.0 or not 0.0 <= stub_frac or n_hack + n_stub > per_prompt:
+        raise ValueError(f"need per_prompt >= 1, 0 <= hack_frac, 0 <= stub_frac and hack_frac + stub_frac <= 1, got "
+                         f"{per_prompt}, {hack_frac}, {stub_frac}")
     modes = list(MODES) if modes is None else [check_mode(m) for m in modes]
-    n_hack = round(per_prompt * hack_frac)
     items: list[tuple[Problem, str, str]] = []
     for problem in filter_modes(problems, modes):
         rendered = problem.render_prefill(prefill)
         items += [(problem, "hack", c) for c in hack_completions(problem, problem.mode, n_hack, seed, rendered)]
+        items += [(problem, "stub", c) for c in stub_completions(problem, n_stub, seed, rendered)]
         items += [(problem, "clean", c)
-                  for c in clean_completions(problem, problem.mode, per_prompt - n_hack, seed, rendered)]
+                  for c in clean_completions(problem, problem.mode, per_prompt - n_hack - n_stub, seed, rendered)]
 
     grades = []
     chunk = 64
@@ -136,6 +140,7 @@ def build_pool(
         "modes": modes,
         "per_prompt": per_prompt,
         "hack_frac": hack_frac,
+        "stub_frac": stub_frac,
         "seed": seed,
         "prefill": prefill,
         "fingerprint": records_fingerprint([r for records in by_problem.values() for r in records]),
@@ -152,6 +157,7 @@ def _counts(records: Sequence[PoolRecord]) -> dict:
             "records": len(rs),
             "hack": sum(r.kind == "hack" for r in rs),
             "clean": sum(r.kind == "clean" for r in rs),
+            "stub": sum(r.kind == "stub" for r in rs),
             "passed": sum(r.passed for r in rs),
             "gt_correct": sum(r.gt_correct for r in rs),
             "exploited": sum(r.exploited for r in rs),
@@ -331,8 +337,8 @@ def _read_records(path: Path, problem_id: str) -> list[PoolRecord]:
             expected = _FIELD_TYPES[type_name]
             if not isinstance(row[field], expected) or (expected is not bool and isinstance(row[field], bool)):
                 raise PoolError(f"{path} line {lineno}: field {field!r} must be {type_name}, got {row[field]!r}")
-        if row["kind"] not in ("hack", "clean"):
-            raise PoolError(f"{path} line {lineno}: field 'kind' must be 'hack' or 'clean', got {row['kind']!r}")
+        if row["kind"] not in ("hack", "clean", "stub"):
+            raise PoolError(f"{path} line {lineno}: field 'kind' must be 'hack', 'clean' or 'stub', got {row['kind']!r}")
         if row["problem_id"] != problem_id:
             raise PoolError(f"{path} line {lineno}: record for {row['problem_id']!r} in the file of {problem_id!r}")
         records.append(PoolRecord(**{field: row[field] for field in _FIELDS}))

@@ -18,7 +18,7 @@ from antipasto_pl.env.pairs import (
     hack_completions,
     make_pairs,
     nonhack_pairs,
-    shuffled_pairs,
+    stub_pairs,
 )
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.problems import builtin_problems, load_problems
@@ -59,7 +59,7 @@ def _assert_graded_as_labelled(pairs: list[Pair], problems: list[Problem]) -> No
 
 
 def test_pairs_are_graded_as_labelled(sample: list[Problem]) -> None:
-    pairs = make_pairs(sample, variants_per_mode=2, seed=0)
+    pairs = make_pairs(sample, variants_per_mode=2, seed=0, style="contrast")
     assert len(pairs) == len(sample) * len(MODES) * 2
     _assert_graded_as_labelled(pairs, sample)
 
@@ -112,14 +112,15 @@ def test_mode_selection_prompts_and_determinism(builtin: list[Problem]) -> None:
         make_pairs(problems, modes=["stdout"])
 
 
-def test_shuffled_pairs_control(builtin: list[Problem]) -> None:
-    pairs = make_pairs(builtin[:12], seed=0)
-    shuffled = shuffled_pairs(pairs, seed=1)
-    assert shuffled == shuffled_pairs(pairs, seed=1)
-    swapped = [s.hack == p.clean for p, s in zip(pairs, shuffled)]
-    assert 0.35 < sum(swapped) / len(pairs) < 0.65
-    assert all({s.hack, s.clean} == {p.hack, p.clean} and s.prompt == p.prompt for p, s in zip(pairs, shuffled))
-    assert [s.hack == p.clean for p, s in zip(pairs, shuffled_pairs(pairs, seed=2))] != swapped
+def test_stub_pairs_control(sample: list[Problem]) -> None:
+    """A stub without any exploit (fails everything) against the real solution (passes the oracle)."""
+    problems = sample[:3]
+    pairs = stub_pairs(problems, modes=["sentinel", "exit_code"], variants_per_mode=2, seed=0)
+    assert len(pairs) == 12 and len({p.hack for p in pairs}) > 3
+    by_id = {p.id: p for p in problems}
+    grades = _grades([(by_id[p.problem_id], text, p.mode) for p in pairs for text in (p.hack, p.clean)])
+    assert all(not g.passed and not g.gt_correct for g in grades[::2])
+    assert all(g.gt_correct for g in grades[1::2])
 
 
 def test_nonhack_pairs_control(sample: list[Problem]) -> None:
@@ -137,4 +138,4 @@ def test_nonhack_pairs_control(sample: list[Problem]) -> None:
 @pytest.mark.parametrize(("source", "variants"), [("builtin", 2), ("easy", 2), ("humaneval", 1)])
 def test_every_pair_is_graded_as_labelled(source: str, variants: int) -> None:
     problems = load_problems(source)
-    _assert_graded_as_labelled(make_pairs(problems, variants_per_mode=variants, seed=0), problems)
+    _assert_graded_as_labelled(make_pairs(problems, variants_per_mode=variants, seed=0, style="contrast"), problems)
