@@ -152,36 +152,41 @@ class HeldOutEvaluation(Callback):
         self._evaluate(trainer, pl_module, "final")
 
 
-def sequence_log_probs(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], side: str) -> torch.Tensor:
-    """Summed log-probability of each pair's `side` completion ("hack" or "clean") after its prompt and prefill
-    (differentiable: the probe calls it under no_grad, a demonstration loss need not)."""
+def sequence_log_probs(
+    model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], side: str, chunk: int = 8
+) -> torch.Tensor:
+    """Summed log-probability of each pair's `side` completion ("hack" or "clean") after its prompt and prefill,
+    `chunk` rows per forward (differentiable: the probe calls it under no_grad, a demonstration loss need not)."""
     # -> (n_pairs,)
     values = []
     device = next(model.parameters()).device
-    for p in pairs:
-        batch = encode_completions(tokenizer, [p.prompt], [getattr(p, side)], prefills=[p.prefill]).to(device)
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        batch = encode_completions(tokenizer, [p.prompt for p in part], [getattr(p, side) for p in part],
+                                   prefills=[p.prefill for p in part]).to(device)
         logp = completion_log_probs(model, batch)
-        values.append((logp * batch.completion_mask[:, 1:]).sum().float())
-    return torch.stack(values).cpu()
+        values.append((logp * batch.completion_mask[:, 1:]).sum(-1).float())
+    return torch.cat(values).cpu()
 
 
 class LikelihoodProbe(Callback):
     """Every N steps (and before the first), the held-out minimal pairs' mean margin log p(hack) - log p(clean)
     under the deployed policy: ``probe/margin`` and ``probe/<mode>/margin``.
 
-    The pairs are built on the test split (never trained on, never the detector's), for every training mode, in
-    the minimal style whatever the detector's style, and only those within the completion budget are kept.
+    The pairs are built on the test split (never trained on, never the detector's), one per problem, in the
+    minimal style whatever the detector's style; those within the completion budget are kept, at most
+    `max_pairs` per mode (the probe runs every few steps, so it must stay cheap next to a step).
 
     Args:
         every_n_steps: probe period in optimizer steps.
-        variants_per_mode: pairs per test problem and mode.
+        max_pairs: pairs per loophole mode at most.
     """
 
-    def __init__(self, every_n_steps: int = 1, variants_per_mode: int = 2) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"probe every_n_steps must be >= 1, got {every_n_steps}")
+    def __init__(self, every_n_steps: int = 1, max_pairs: int = 16) -> None:
+        if every_n_steps < 1 or max_pairs < 1:
+            raise ValueError(f"probe every_n_steps and max_pairs must be >= 1, got {every_n_steps}, {max_pairs}")
         self.every_n_steps = every_n_steps
-        self.variants_per_mode = variants_per_mode
+        self.max_pairs = max_pairs
         self.pairs: list[Pair] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -189,10 +194,11 @@ class LikelihoodProbe(Callback):
         by_mode: dict[str, list[Problem]] = {}
         for p in data.test_problems:
             by_mode.setdefault(p.mode, []).append(p)
-        pairs = [pair for mode, problems in by_mode.items()
-                 for pair in make_pairs(problems, [mode], self.variants_per_mode, data.hparams.seed, "minimal",
-                                        data.hparams.prefill)]
-        self.pairs = [p for p in pairs if pl_module.fits_budget(p.hack) and pl_module.fits_budget(p.clean)]
+        self.pairs = []
+        for mode, problems in by_mode.items():
+            pairs = make_pairs(problems, [mode], 1, data.hparams.seed, "minimal", data.hparams.prefill)
+            kept = [p for p in pairs if pl_module.fits_budget(p.hack) and pl_module.fits_budget(p.clean)]
+            self.pairs += kept[:self.max_pairs]
         if trainer.global_step == 0:
             self._probe(trainer, pl_module)
 
