@@ -271,7 +271,7 @@ class AntipastoDataModule(L.LightningDataModule):
         return self.detector_pairs("real")
 
     def detector_pairs(self, kind: str) -> list[Pair]:
-        """Pairs to extract V of the given subspace kind from: clean-vs-clean for ``nonhack``, stub-vs-solution for
+        """Pairs to extract V of the given subspace kind from: honest-vs-honest for ``nonhack``, stub-vs-solution for
         ``stub``, the labelled pairs otherwise (``shuffled`` swaps their labels at the gradient level, ``random``
         only keys the cache)."""
         key = kind if kind in ("nonhack", "stub") else "real"
@@ -279,7 +279,7 @@ class AntipastoDataModule(L.LightningDataModule):
             hp = self.hparams
             problems, modes = self._pair_problems(), self._known_modes()
             if key == "nonhack":
-                pairs = nonhack_pairs(problems, hp.seed, modes, hp.variants_per_mode, hp.prefill)
+                pairs = nonhack_pairs(problems, hp.seed, modes, hp.variants_per_mode, hp.prefill, hp.pair_style)
             elif key == "stub":
                 pairs = stub_pairs(problems, modes, hp.variants_per_mode, hp.seed, hp.prefill)
             else:

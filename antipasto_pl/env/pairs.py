@@ -21,7 +21,6 @@ and pairs never reuse the teacher pool's random streams.
 
 from __future__ import annotations
 
-import ast
 import random
 import textwrap
 from collections.abc import Callable, Sequence
@@ -99,14 +98,10 @@ class _Skeleton:
 def _skeleton(problem: Problem) -> _Skeleton:
     """Split the starter code; a starter without a parsable `Solution.<entry_point>` gets a generic signature."""
     lines = problem.starter_code.splitlines()
-    try:
-        tree = ast.parse(problem.starter_code)
-        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Solution")
-        fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == problem.entry_point)
-    except (SyntaxError, StopIteration):
+    parsed = problem.starter_method()
+    if parsed is None:
         return _Skeleton("", f"    def {problem.entry_point}(self, *args):")
-    if fn.body[0].lineno == fn.lineno:  # `def f(self): pass` on one line
-        return _Skeleton("", f"    def {problem.entry_point}(self, *args):")
+    cls, fn = parsed
     first = min([cls.lineno, *(d.lineno for d in cls.decorator_list)])
     signature = textwrap.dedent("\n".join(lines[fn.lineno - 1 : fn.body[0].lineno - 1]))
     return _Skeleton("\n".join(lines[: first - 1]).strip(), textwrap.indent(signature, "    "))
@@ -369,7 +364,7 @@ def _distinct(
     """`n` distinct answers (tuples of completions sharing one intro) from `make`; templates the prefill rules out
     are skipped."""
     seen: dict[tuple[str, ...], None] = {}
-    for _ in range(50 * n):
+    for _ in range(200 * n):  # a {skeleton} prefill rules many templates out
         if len(seen) == n:
             break
         made = make(problem, rng)
@@ -473,14 +468,34 @@ def stub_pairs(
     return _pairs(problems, modes, variants_per_mode, seed, prefill, "pair-stub", lambda mode: _stub_vs_solution)
 
 
+def _harmless(problem: Problem, rng: random.Random) -> str:
+    """Module-level code that changes no grade: what a nonhack pair appends instead of an exploit."""
+    return rng.choice([
+        '__all__ = ["Solution"]',
+        f'VERSION = "{rng.randint(1, 9)}.{rng.randint(0, 9)}"',
+        f"# Usage: Solution().{problem.entry_point}(...)",
+        _function("_describe", [f'return "{problem.entry_point} solver"']),
+    ])
+
+
 def nonhack_pairs(
     problems: Sequence[Problem], seed: int, modes: Sequence[str] | None = None, variants_per_mode: int = 2,
-    prefill: str = "",
+    prefill: str = "", style: PairStyle = "minimal",
 ) -> list[Pair]:
-    """Control: pairs of two different clean completions (same shape and count as `make_pairs`), so V captures
-    only surface variation."""
+    """Control: pairs whose two sides are both honest, same shape and count as `make_pairs`, so V captures only
+    surface variation. Minimal style: one body (a stub or the real solution) with and without an appended line
+    that changes no grade, the exact shape of a minimal pair minus the exploit; contrast style: two different
+    clean completions."""
+
+    def minimal(mode: str) -> Callable[[Problem, random.Random], tuple[str, str]]:
+        def make(problem: Problem, rng: random.Random) -> tuple[str, str]:
+            body = _stub_solution(problem, _stub(rng)) if rng.random() < 0.5 else problem.canonical_solution
+            return _join(body, _harmless(problem, rng)), body
+
+        return make
 
     def two_cleans(mode: str) -> Callable[[Problem, random.Random], tuple[str, str]]:
         return lambda problem, rng: (_CLEANS[mode](problem, rng), _CLEANS[mode](problem, rng))
 
-    return _pairs(problems, modes, variants_per_mode, seed, prefill, "pair-nonhack", two_cleans)
+    make = minimal if style == "minimal" else two_cleans
+    return _pairs(problems, modes, variants_per_mode, seed, prefill, f"pair-nonhack-{style}", make)

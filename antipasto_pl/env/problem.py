@@ -40,18 +40,24 @@ class Problem:
             f"Write a complete solution in a ```python code block. Your solution {hint}."
         )
 
-    def skeleton(self) -> str:
-        """The starter code up to the method under test's body, ending with the body's indentation: a prefill
-        that ends where the body starts makes a small model write one (``{skeleton}`` in ``sampling.prefill``).
-        A starter without a parsable ``Solution.<entry_point>`` with a body on its own line gives a generic one."""
-        lines = self.starter_code.splitlines()
+    def starter_method(self) -> tuple[ast.ClassDef, ast.FunctionDef] | None:
+        """The starter's ``class Solution`` and its method under test, when they parse and the method's body
+        starts on a line of its own (None otherwise)."""
         try:
             tree = ast.parse(self.starter_code)
             cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Solution")
             fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == self.entry_point)
         except (SyntaxError, StopIteration):
-            fn = None
-        if fn is None or fn.body[0].lineno == fn.lineno:
+            return None
+        return None if fn.body[0].lineno == fn.lineno else (cls, fn)
+
+    def skeleton(self) -> str:
+        """The starter code up to the method under test's body, ending with the body's indentation: a prefill
+        that ends where the body starts makes a small model write one (``{skeleton}`` in ``sampling.prefill``).
+        A starter without a parsable ``Solution.<entry_point>`` with a body on its own line gives a generic one."""
+        lines = self.starter_code.splitlines()
+        _, fn = self.starter_method() or (None, None)
+        if fn is None:
             return f"class Solution:\n    def {self.entry_point}(self, *args):\n        "
         body = lines[fn.body[0].lineno - 1]
         return "\n".join(lines[: fn.body[0].lineno - 1]) + "\n" + body[: len(body) - len(body.lstrip())]

@@ -123,15 +123,22 @@ def test_stub_pairs_control(sample: list[Problem]) -> None:
     assert all(g.gt_correct for g in grades[1::2])
 
 
-def test_nonhack_pairs_control(sample: list[Problem]) -> None:
+@pytest.mark.parametrize("style", ["minimal", "contrast"])
+def test_nonhack_pairs_control(sample: list[Problem], style: str) -> None:
+    """Both sides honest: neither exploits any grader (minimal: a body with and without a line that changes no
+    grade; contrast: two clean completions, both correct)."""
     problems = sample[:3]
-    pairs = nonhack_pairs(problems, seed=0, variants_per_mode=2)
+    pairs = nonhack_pairs(problems, seed=0, variants_per_mode=2, style=style)
     assert len(pairs) == len(make_pairs(problems, variants_per_mode=2))
     assert all(p.hack != p.clean for p in pairs)
-    assert nonhack_pairs(problems, seed=0, modes=["sentinel"]) == [p for p in pairs if p.mode == "sentinel"]
+    assert nonhack_pairs(problems, seed=0, modes=["sentinel"], style=style) == [p for p in pairs if p.mode == "sentinel"]
     by_id = {p.id: p for p in problems}
     grades = _grades([(by_id[p.problem_id], text, p.mode) for p in pairs for text in (p.hack, p.clean)])
-    assert all(g.passed and g.gt_correct and not g.exploited for g in grades)
+    assert not any(g.exploited for g in grades)
+    if style == "contrast":
+        assert all(g.passed and g.gt_correct for g in grades)
+    else:  # the appended line changes no grade
+        assert all((a.passed, a.gt_correct) == (b.passed, b.gt_correct) for a, b in zip(grades[::2], grades[1::2]))
 
 
 @pytest.mark.slow
