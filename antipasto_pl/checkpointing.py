@@ -1,4 +1,5 @@
-"""Checkpoint file io that survives a kill: atomic writes, corrupt files named, RNG states carried.
+"""Checkpoints that resume exactly: atomic writes, corrupt files named, RNG states carried, and every
+checkpoint (periodic or written when a fit ends) holding the loop state the next step starts from.
 
 Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose temporary file lives in
 the system temp dir, so the final move is a copy (not atomic) when that is another filesystem, and a
@@ -9,8 +10,12 @@ unpickling it.
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import random
+import signal
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(ValueError):
@@ -65,6 +74,77 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         check_checkpoint_file(path)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+class ExactResume(Callback):
+    """Makes every checkpoint of a fit resume where the uninterrupted run would go on, and stops a fit
+    gracefully on SIGINT / SIGTERM.
+
+    Lightning closes the epoch when a fit stops inside it (``max_steps``, ``trainer.should_stop``), so
+    a checkpoint written after that (``save_last`` at train end, or at validation end) would resume in
+    the next epoch, on other prompts, while one written at train-batch end resumes mid-epoch. The fit
+    loop's state is therefore recorded at each train-batch end (before ``ModelCheckpoint``, which
+    Lightning runs last) and written into every checkpoint of that step. At train end, ``last.ckpt`` is
+    rewritten if it lags behind (``ModelCheckpoint`` skips that save when it wrote any ``last`` in this
+    fit). The first SIGINT or SIGTERM lets the step under way finish, then ends the fit as ``max_steps``
+    would, so without the validation that ``trainer.should_stop`` adds (a second SIGINT interrupts at once,
+    without a checkpoint).
+    """
+
+    def __init__(self) -> None:
+        self._loop_state: tuple[int, dict[str, Any]] | None = None
+        self._stop_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._max_steps: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._loop_state, self._stop_signal = None, None
+        if threading.current_thread() is threading.main_thread():  # signals that are ignored stay ignored (nohup, &)
+            self._previous_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)
+                                       if signal.getsignal(s) is not signal.SIG_IGN}
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning("%s received: stopping after the step under way (Ctrl-C again to stop now, without a checkpoint)",
+                    signal.Signals(signum).name)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        """Forget the last step's values. Lightning sends every step value logged since the epoch began with
+        each step, so one measured at step k only (a mode absent later, no active group) would be logged
+        again at k+1, k+2, ... by the uninterrupted run, but not by a run resumed after k."""
+        for result in trainer._results.values():
+            if not result.meta.on_epoch:
+                result.reset()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._loop_state = (trainer.global_step, copy.deepcopy(trainer.fit_loop.state_dict()))
+        if self._stop_signal is not None and self._max_steps is None:
+            self._max_steps, trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps, trainer.global_step
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._loop_state is not None and self._loop_state[0] == trainer.global_step:
+            checkpoint["loops"]["fit_loop"] = copy.deepcopy(self._loop_state[1])
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_handlers()
+        if self._max_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps, self._max_steps = self._max_steps, None
+        if trainer.fast_dev_run or self._loop_state is None:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if (isinstance(callback, ModelCheckpoint) and callback.save_last and callback._last_checkpoint_saved
+                    and callback._last_global_step_saved != trainer.global_step):
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
 
 def collect_rng_states() -> dict[str, Any]:

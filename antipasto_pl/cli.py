@@ -32,6 +32,12 @@ DESCRIPTION = (
     "gradient projection. Lightning subcommands: fit, validate, test, predict "
     "(e.g. `antipasto fit --config configs/smoke.yaml`). Project subcommands: {extra}."
 )
+# validate, test and predict rebuild the model from the config: without a checkpoint the adapter is at zero.
+EVALUATE_HELP = (
+    "{what} on the held-out problems. Without --ckpt_path this is the UNTRAINED policy (the adapter at zero); "
+    "pass --ckpt_path last (or a checkpoint file) to use a trained run."
+)
+EVALUATE_COMMANDS = {"validate": "Validate", "test": "Test", "predict": "Sample and grade completions"}
 
 
 # Intentional choices Lightning warns about on every run: the frozen policy stays in eval mode (no
@@ -67,7 +73,10 @@ class AntipastoCLI(LightningCLI):
             run=run,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS))},
+            parser_kwargs={
+                "description": DESCRIPTION.format(extra=", ".join(EXTRA_COMMANDS)),
+                **{name: {"description": EVALUATE_HELP.format(what=what)} for name, what in EVALUATE_COMMANDS.items()},
+            },
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -82,6 +91,20 @@ class AntipastoCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).exists():
             check_checkpoint_file(ckpt_path)  # before LightningCLI unpickles it for the hyperparameters
+
+    def _warn_if_untrained(self) -> None:
+        """An evaluation without ``--ckpt_path`` of a config whose run has checkpoints is almost always a mistake."""
+        if self.config[self.subcommand].get("ckpt_path"):
+            return
+        directory = Path(self.trainer.default_root_dir) / "checkpoints"
+        if found := sorted(p.name for p in directory.glob("*.ckpt")):
+            warnings.warn(
+                f"antipasto {self.subcommand} without --ckpt_path evaluates the untrained policy (the adapter at "
+                f"zero), not the run in {directory} ({', '.join(found)}); pass --ckpt_path last to evaluate it",
+                stacklevel=2,
+            )
+
+    before_validate = before_test = before_predict = _warn_if_untrained
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from antipasto_pl.checkpointing import AtomicCheckpointIO

@@ -36,7 +36,7 @@ from antipasto_pl.adapter import (
     wrap_model,
 )
 from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
-from antipasto_pl.checkpointing import collect_rng_states, set_rng_states
+from antipasto_pl.checkpointing import ExactResume, collect_rng_states, set_rng_states
 from antipasto_pl.env.grader import Grade, Grader
 from antipasto_pl.env.pool import PoolRecord
 from antipasto_pl.env.pairs import INTROS, answer
@@ -211,6 +211,7 @@ class AntipastoModule(L.LightningModule):
         self.grad_parts: GradParts | None = None
         self.last_groups: list[Group] = []
         self._step_loss: Tensor | None = None
+        self._loss_stats: dict[str, Tensor] = {}
         self._resume_rng: dict[str, Any] | None = None
         self.over_budget: dict[str, int] = {}  # records and pairs left out for the budget, by source
         keys = [f"{m}_{s}" for m in ("reward", "hack", "gt", "pass") for s in (STUDENT, TEACHER)]
@@ -258,7 +259,9 @@ class AntipastoModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         """The arm's callbacks, configured from this module's arguments so an arm is a small YAML overlay."""
         hp = self.hparams
-        callbacks: list[L.Callback] = [HackProjection(self.projection_config), HeldOutEvaluation(self.heldout_config)]
+        callbacks: list[L.Callback] = [
+            HackProjection(self.projection_config), ExactResume(), HeldOutEvaluation(self.heldout_config)
+        ]
         if hp.probe_every:
             callbacks.append(LikelihoodProbe(hp.probe_every))
         if hp.refresh_every:
@@ -439,8 +442,7 @@ class AntipastoModule(L.LightningModule):
         # The quarantine moves only through routed gradient (written by the projection callback).
         for a in adapters.values():
             a.delta_s_hack.grad = None
-        for k, values in stats.items():
-            self.log(f"train/{k}", torch.stack(values).mean(), batch_size=n_prompts)
+        self._loss_stats = {k: torch.stack(values).mean() for k, values in stats.items()}
         return total
 
     # --- the step -----------------------------------------------------------------------------------
@@ -475,7 +477,11 @@ class AntipastoModule(L.LightningModule):
             refresh_merged(self.model)  # the next forward (sampling or scoring) runs on the new weights
             lap("optimizer")
         n_active = sum(g.active for g in groups)
-        self.log_rates(groups)  # after the step: values logged before a manual step 0 are not flushed
+        # After the step: in the first step of a fit, Lightning drops what training_step logged before the
+        # optimizer hooks logged theirs.
+        self.log_rates(groups)
+        for key, value in self._loss_stats.items():
+            self.log(f"train/{key}", value, batch_size=len(batch))
         self.log("train/loss", loss, batch_size=len(batch))
         self.log("train/active_groups", float(n_active), batch_size=len(batch))
         # Wall-clock seconds of this step's stages (grade_wait: grading not hidden behind sampling).

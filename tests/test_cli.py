@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,16 @@ def test_validate_test_and_predict_run_on_held_out_problems(tmp_path: Path) -> N
     data = AntipastoDataModule(prompts_per_step=2, use_pool=False)
     data.setup("test")
     assert report["n"] >= 10 and set(report["problems"]) == {p.id for p in data.test_problems}
+    # Once the run has a checkpoint, validating without naming one (the untrained policy) is warned about.
+    main(["fit", *common, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+          "--model.sampling.max_new_tokens=8"])
+    untrained = r"antipasto validate without --ckpt_path evaluates the untrained policy .*\(last\.ckpt\)"
+    with pytest.warns(UserWarning, match=untrained):
+        main(["validate", *common, f"--trainer.default_root_dir={tmp_path}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["validate", *common, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last"])
+    assert not [w for w in caught if "untrained" in str(w.message)]
 
     def predict(name: str) -> list[dict]:
         out = tmp_path / name

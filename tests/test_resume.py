@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
@@ -29,6 +31,9 @@ COMMON = [
     "--trainer.enable_progress_bar=false", "--trainer.deterministic=true", "--trainer.val_check_interval=2",
     "--trainer.callbacks.every_n_train_steps=2", "--data.pool_per_prompt=2",
 ]
+
+_SCRIPT = Path(sys.executable).with_name("antipasto")
+ANTIPASTO = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "antipasto_pl.cli"]
 
 
 def fit_args(root: Path, steps: int, *extra: str) -> list[str]:
@@ -52,32 +57,119 @@ def adapter_vectors(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("arm", ["erase", "route"])
-def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, arm: str) -> None:
-    """4 steps straight == 2 steps + `--ckpt_path last` for 2, bit for bit (vectors and every logged metric)."""
-    overlay = ["--config", str(ARMS / f"{arm}.yaml"), "--model.deploy_eval_every=2"]
-    main(fit_args(tmp_path / "straight", 4, *overlay))
-    main(fit_args(tmp_path / "split", 2, *overlay))
-    ckpt = tmp_path / "split" / "checkpoints" / "last.ckpt"
-    saved = torch.load(ckpt, weights_only=True)
-    assert saved["global_step"] == 2 and {"torch", "python", "numpy"} <= saved["rng_states"].keys()
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
-    assert saved["callbacks"]["HackProjection"]["subspace"]["v_hack"]
-    assert all(k.endswith((".delta_s", ".delta_s_hack")) for k in saved["state_dict"])  # never W, U or Vh
-    main(fit_args(tmp_path / "split", 4, *overlay, "--ckpt_path=last"))
+# The resume audit: the uninterrupted run against a first run stopped one way (at `split`) plus `--ckpt_path last`.
+AUDIT_COMMON = [
+    "--trainer.enable_progress_bar=false", "--trainer.deterministic=true", "--model.sampling.max_new_tokens=8",
+]
 
-    straight, split = tmp_path / "straight" / "checkpoints", tmp_path / "split" / "checkpoints"
-    a, b = adapter_vectors(straight / "last.ckpt"), adapter_vectors(split / "last.ckpt")
+
+def arm(name: str) -> tuple[str, ...]:
+    return ("--config", str(ARMS / f"{name}.yaml"))
+
+
+@dataclass(frozen=True)
+class Case:
+    """``overlay``: arm and settings of every run; ``stop``: how the first run ends (``max_steps`` at
+    ``split``; ``early_stop``: EarlyStopping at the validation after ``split``; a signal sent during the step
+    that ends at ``split``; ``SIGKILL`` at whatever periodic checkpoint it reached); ``steps``: optimizer steps
+    of the uninterrupted run."""
+
+    overlay: tuple[str, ...]
+    stop: str = "max_steps"
+    steps: int = 4
+    split: int = 2
+
+
+PERIODIC = ("--trainer.callbacks.every_n_train_steps=2",)
+AUDIT = [
+    pytest.param(Case(arm("vanilla")), id="max_steps-vanilla"),
+    pytest.param(Case((*arm("erase_refresh"), "--model.refresh_every=3", "--trainer.val_check_interval=2")),
+                 id="max_steps-erase_refresh3-validation_at_end"),
+    pytest.param(Case((*arm("erase"), *PERIODIC, "--trainer.val_check_interval=2", "--model.deploy_eval_every=2")),
+                 id="periodic-erase-validation_after"),
+    pytest.param(Case((*arm("route"), *PERIODIC, "--trainer.val_check_interval=2", "--model.deploy_eval_every=2")),
+                 id="periodic-route", marks=pytest.mark.slow),
+    pytest.param(Case((*arm("route"), "--trainer.val_check_interval=1", "--model.deploy_eval_every=2"), split=3),
+                 id="max_steps-route-validation_inside", marks=pytest.mark.slow),
+    pytest.param(Case((*arm("erase"), "--trainer.val_check_interval=2"), stop="early_stop"),
+                 id="early_stop-erase", marks=pytest.mark.slow),
+    pytest.param(Case((*arm("erase_refresh"), *PERIODIC), stop="SIGTERM", split=3),  # last.ckpt moves on from step 2
+                 id="SIGTERM-erase_refresh-after_periodic", marks=pytest.mark.slow),
+    pytest.param(Case(arm("route"), stop="SIGINT"), id="SIGINT-route", marks=pytest.mark.slow),
+    pytest.param(Case((*arm("erase"), *PERIODIC), stop="SIGKILL", steps=6), id="SIGKILL-erase", marks=pytest.mark.slow),
+    pytest.param(Case((*arm("erase"), "--model.ppo_epochs=2")), id="max_steps-erase-ppo_epochs2",
+                 marks=pytest.mark.slow),
+    pytest.param(Case((*arm("vanilla"), "--data.pool_per_prompt=2", "--model.group_size=4")),
+                 id="max_steps-vanilla-pool2-two_teachers", marks=pytest.mark.slow),
+]
+
+
+class SignalDuringStep(L.Callback):
+    """Sends a real signal to this process while the step that ends at global step ``step`` is under way."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+
+def audit_args(root: Path, steps: int, case: Case) -> list[str]:
+    return ["fit", "--config", SMOKE, *case.overlay, *AUDIT_COMMON, f"--trainer.default_root_dir={root}",
+            f"--trainer.max_steps={steps}"]
+
+
+def first_run(root: Path, case: Case) -> None:
+    """The first run of the split pair, ended as ``case.stop`` says."""
+    if case.stop == "max_steps":
+        main(audit_args(root, case.split, case))
+        return
+    if case.stop == "SIGKILL":
+        kill_after_a_checkpoint(audit_args(root, case.steps, case), root)
+        return
+    cli = AntipastoCLI(args=audit_args(root, case.steps, case)[1:], run=False)
+    if case.stop == "early_stop":  # val/hack is 0 < 1 at the first validation
+        cli.trainer.callbacks.append(EarlyStopping(monitor="val/hack", mode="min", stopping_threshold=1.0))
+    else:
+        cli.trainer.callbacks.append(SignalDuringStep(getattr(signal, case.stop), case.split))
+    # As in a terminal (a background job, pytest's included, starts with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fit's handler is gone
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert cli.trainer.global_step == case.split
+
+
+@pytest.mark.parametrize("case", AUDIT)
+def test_resume_audit(tmp_path: Path, case: Case) -> None:
+    """The uninterrupted run == a first run stopped at ``split`` + `--ckpt_path last`: final vectors and every
+    logged scalar but wall times, bit for bit; and the first run's `last.ckpt` is where it stopped."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    main(audit_args(straight, case.steps, case))
+    first_run(split, case)
+    last = split / "checkpoints" / "last.ckpt"
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert stopped_at in (2, 4) if case.stop == "SIGKILL" else stopped_at == case.split
+    main(audit_args(split, case.steps, case) + ["--ckpt_path=last"])
+
+    a, b = adapter_vectors(straight / "checkpoints" / "last.ckpt"), adapter_vectors(last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith(".delta_s"))
-    if arm == "route":
-        assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith(".delta_s_hack"))
-    metrics_a, metrics_b = logged(tmp_path / "straight"), logged(tmp_path / "split")
-    assert len(metrics_a["reward_s"]) == 4 and "hack_deploy" in metrics_a
-    for tag in ("train/loss", "reward_s", "reward_t", "proj/cin", "proj/leak", "proj/delta_s_hack_norm", "hack_deploy"):
-        assert metrics_a[tag] == metrics_b[tag], tag
-    # Every value either run logged agrees (the uninterrupted run also repeats some step values after validation).
-    assert all(metrics_a[tag][step] == value for tag, values in metrics_b.items() for step, value in values.items())
+    metrics_a, metrics_b = logged(straight), logged(split)
+    batches = case.steps // (2 if "--model.ppo_epochs=2" in case.overlay else 1)
+    assert sorted(metrics_a["train/loss"]) == list(range(batches)) and "proj/leak" in metrics_a
+    # The first run's end also evaluated its final policy (deployed view, held-out evaluation).
+    for tag in [t for t in metrics_b if t in ("hack_deploy", "solve_deploy") or t.startswith("test/")]:
+        if stopped_at not in metrics_a.get(tag, {}):
+            del metrics_b[tag][stopped_at]
+    assert metrics_a == metrics_b
+    versions = sorted((split / "lightning_logs").iterdir())
+    resumed = EventAccumulator(str(versions[-1]))
+    resumed.Reload()
+    assert len(versions) == 2 and resumed.Scalars("train/loss")[0].step == stopped_at * batches // case.steps
 
 
 def test_seeded_runs_are_identical(tmp_path: Path) -> None:
@@ -87,14 +179,12 @@ def test_seeded_runs_are_identical(tmp_path: Path) -> None:
     assert len(first["train/loss"]) == 2 and first == second
 
 
-def test_sigkill_mid_step_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
-    """A real `antipasto fit` killed with SIGKILL after its step-2 checkpoint resumes there and completes."""
-    script = Path(sys.executable).with_name("antipasto")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "antipasto_pl.cli"]
-    args = fit_args(tmp_path, 8)
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(command + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    last = tmp_path / "checkpoints" / "last.ckpt"
+def kill_after_a_checkpoint(args: list[str], root: Path) -> None:
+    """Start a real `antipasto fit`, SIGKILL it (whole process group) just after its first checkpoint appears."""
+    root.mkdir(parents=True, exist_ok=True)
+    log = (root / "first.log").open("w")
+    proc = subprocess.Popen(ANTIPASTO + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    last = root / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -102,12 +192,19 @@ def test_sigkill_mid_step_resumes_from_the_last_checkpoint(tmp_path: Path) -> No
     alive = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert alive and last.exists(), (tmp_path / "first.log").read_text()[-3000:]
+    assert alive and last.exists(), (root / "first.log").read_text()[-3000:]
+
+
+def test_sigkill_mid_step_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """A real `antipasto fit` killed with SIGKILL after its step-2 checkpoint resumes there and completes."""
+    args = fit_args(tmp_path, 8)
+    kill_after_a_checkpoint(args, tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
     resumed_from = torch.load(last, weights_only=True)["global_step"]
     assert resumed_from in (2, 4, 6)  # what was saved is intact; at most the steps since then are lost
     for saved in (tmp_path / "checkpoints").glob("*.ckpt"):  # a kill mid-save leaves at most a stray temp file
         assert torch.load(saved, weights_only=True)["global_step"] in (2, 4, 6)
-    done = subprocess.run(command + args + ["--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(ANTIPASTO + args + ["--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == 8
     steps = sorted(logged(tmp_path)["train/loss"])
@@ -135,6 +232,11 @@ def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_truncated_or_foreign_checkpoint_fails_fast_with_its_name(tmp_path: Path) -> None:
     main(fit_args(tmp_path / "run", 2))
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2 and {"torch", "python", "numpy"} <= saved["rng_states"].keys()
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 2}]
+    assert saved["callbacks"]["HackProjection"]["subspace"]["v_hack"]
+    assert all(k.endswith((".delta_s", ".delta_s_hack")) for k in saved["state_dict"])  # never W, U or Vh
     data = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
     truncated, garbage = tmp_path / "truncated.ckpt", tmp_path / "garbage.ckpt"
     truncated.write_bytes(data[: len(data) // 2])
