@@ -16,7 +16,7 @@ CONFIGS = ROOT / "configs"
 DIAGNOSTICS = {
     "reward_s", "hack_s", "gt_s", "reward_t", "hack_t", "gt_t", "train/loss", "train/grad_norm",
     "proj/cin", "proj/cout", "proj/cin_s", "proj/cin_t", "proj/fired", "proj/null", "proj/leak",
-    "proj/delta_s_hack_norm",
+    "proj/delta_s_hack_norm", "proj/removed_energy",
 }
 # A short fit: 3 steps, 2 prompts x G=2 (1 student + 1 teacher), V from 6 pairs.
 FAST = [
@@ -37,7 +37,8 @@ def fit(tmp_path: Path, *args: str) -> dict[str, list[float]]:
 
 
 @pytest.mark.parametrize(
-    "arm", ["vanilla", "erase", "route", "erase_random", "erase_shuffled", "erase_nonhack", "erase_refresh"]
+    "arm", ["vanilla", "erase", "route", "erase_random", "erase_shuffled", "erase_nonhack", "erase_refresh",
+            "erase_stub", "erase_random_matched"]
 )
 def test_arm_fits_and_logs_every_diagnostic(tmp_path: Path, arm: str) -> None:
     logged = fit(tmp_path, "--config", str(CONFIGS / "arms" / f"{arm}.yaml"), "--model.deploy_eval_every=2")
@@ -47,8 +48,10 @@ def test_arm_fits_and_logs_every_diagnostic(tmp_path: Path, arm: str) -> None:
     assert any("/hack_s" in key for key in logged) and any("/gt_t" in key for key in logged)
     assert {"hack_deploy", "solve_deploy", "val/hack", "val/solve"} <= logged.keys()
     assert "samples/text_summary" in logged["__text__"] and "delta_s" in logged["__histograms__"]
-    if arm in ("erase", "erase_random", "erase_shuffled", "erase_nonhack", "erase_refresh"):
+    if arm in ("erase", "erase_refresh"):
         assert max(logged["proj/cout"]) < 1e-5  # one-sided erase leaves no hack-ward component
+    if arm.startswith("erase_") and arm != "erase_refresh":  # diagnostics are read against the real V
+        assert max(logged["proj/cout"]) > 1e-3 and min(logged["proj/removed_energy"]) > 0
     if arm == "route":
         assert logged["proj/delta_s_hack_norm"][-1] > 0
     else:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from antipasto_pl.projection_math import (
+    energy_matched,
     fired,
     hack_cosine,
     null_cosine_level,
@@ -151,3 +152,18 @@ def test_batched_over_padded_modules_matches_per_module():
             assert torch.equal(batched.g_projected[m, r:], torch.zeros(9 - r, dtype=torch.float64))
             assert bool(fired(batched.coeffs[m])) == bool(fired(single.coeffs))
             torch.testing.assert_close(cosines[m], hack_cosine(grad, basis))
+
+
+def test_energy_matched_removal_has_the_target_norm_inside_the_control_span() -> None:
+    """The energy-matched control removes exactly the real V's norm, along its own removal's direction."""
+    generator = torch.Generator().manual_seed(0)
+    g = torch.randn(16, generator=generator)
+    v_random = torch.linalg.qr(torch.randn(16, 2, generator=generator))[0].T  # (2, 16)
+    own = project_gradient(g, v_random)
+    target = torch.tensor(2.5)
+    matched = energy_matched(g, own.removed, target)
+    assert torch.allclose(matched.removed.norm(), target)
+    assert torch.allclose(matched.removed / matched.removed.norm(), own.removed / own.removed.norm())
+    assert torch.allclose(matched.g_projected + matched.removed, g)
+    nothing = energy_matched(g, torch.zeros(16), target)  # no component to scale: nothing removed
+    assert torch.equal(nothing.g_projected, g)

@@ -182,7 +182,7 @@ def test_each_group_runs_its_prompt_once_per_pass(tmp_path) -> None:
     training pass runs each active group's prompt forward once (and each frozen policy once), the completion
     forwards once per chunk, and no prompt state (nor its graph) outlives its pass."""
     L.seed_everything(0)
-    module = CountPromptPasses(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8),
+    module = CountPromptPasses(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8), max_completion_tokens=640,
                                group_size=4, mix_ratio=0.5, micro_batch_size=1, log_completions_every=0,
                                projection=ProjectionConfig(k=1), learning_rate=1e-2, ppo_epochs=2, beta=0.1)
     data = AntipastoDataModule(prompts_per_step=2, pool_per_prompt=2, pair_problems=1, variants_per_mode=1,
@@ -217,7 +217,7 @@ class CaptureGradients(L.Callback):
 
 def first_step_gradient(tmp_path, micro_batch_size: int) -> tuple[CaptureGradients, dict[str, float]]:
     L.seed_everything(0)
-    module = AntipastoModule(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8),
+    module = AntipastoModule(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8), max_completion_tokens=640,
                              group_size=4, mix_ratio=0.5, micro_batch_size=micro_batch_size, log_completions_every=0,
                              projection=ProjectionConfig(k=1), learning_rate=0.0)
     data = AntipastoDataModule(prompts_per_step=2, pool_per_prompt=2, pair_problems=1, variants_per_mode=1,

@@ -241,7 +241,7 @@ def test_nonhack_control_runs_on_clean_vs_clean_pairs(policy):
     model, tokenizer = policy
     problems = load_problems("builtin")[:2]
     controls = nonhack_pairs(problems, seed=0, modes=["run_tests", "sentinel"], variants_per_mode=1)
-    subspace = extract_hack_subspace(model, tokenizer, controls, ExtractionSettings(k=2, kind="nonhack", max_completion_tokens=48), progress=False)
+    subspace = extract_hack_subspace(model, tokenizer, controls, ExtractionSettings(k=2, kind="nonhack"), progress=False)
     assert subspace.metadata["kind"] == "nonhack" and subspace.metadata["modes"] == "run_tests,sentinel"
     assert subspace.metadata["n_pairs"] == len(controls) == 4
     assert subspace.modules

@@ -14,7 +14,7 @@ import torch
 
 from antipasto_pl.cli import main as cli_main
 from antipasto_pl.env.modes import MODES
-from antipasto_pl.env.pool import MANIFEST, PoolError, TeacherPool, build_pool, pool_filename
+from antipasto_pl.env.pool import FORMAT_VERSION, MANIFEST, PoolError, TeacherPool, build_pool, pool_filename
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.problems import builtin_problems, problem_set_hash, problem_to_dict
 
@@ -40,7 +40,7 @@ def pool_copy(pool_dir: Path, tmp_path: Path) -> Path:
 
 def test_build_writes_graded_records_and_manifest(pool_dir: Path, problems: list[Problem]) -> None:
     manifest = json.loads((pool_dir / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["problem_set_hash"] == problem_set_hash(problems)
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["problem_set_hash"] == problem_set_hash(problems)
     assert manifest["modes"] == list(MODES) and manifest["per_prompt"] == 4 and manifest["hack_frac"] == 0.5
     counts = manifest["counts"]
     assert (counts["prompts"], counts["records"], counts["hack"], counts["clean"]) == (6, 24, 12, 12)
@@ -123,7 +123,7 @@ def test_bad_json_row_names_file_and_line(pool_copy: Path, problems: list[Proble
     [
         (lambda row: row.pop("gt_correct"), "line 2: missing field 'gt_correct'"),
         (lambda row: row.update(passed="yes"), "line 2: field 'passed' must be bool"),
-        (lambda row: row.update(kind="teacher"), "line 2: field 'kind' must be 'hack' or 'clean'"),
+        (lambda row: row.update(kind="teacher"), "line 2: field 'kind' must be 'hack', 'clean' or 'stub'"),
         (lambda row: row.update(problem_id="two_sum_x"), "line 2: record for 'two_sum_x'"),
     ],
 )
