@@ -256,7 +256,7 @@ def _view_sources() -> tuple[list[str], list[str]]:
             for line in fh:
                 fields = line.split(maxsplit=5)
                 path = fields[5].strip() if len(fields) == 6 else ""
-                if path.startswith("/") and os.path.isfile(path):
+                if path.startswith("/") and os.path.isfile(path) and not path.startswith(here + "/"):
                     files.append(path)
         hide = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
         hide.update(os.path.join(d, n) for d in dirs for n in ("site-packages", "dist-packages"))
@@ -295,7 +295,7 @@ def _mount_point(path: str, like: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
 
 
-def _python_view(ctypes, libc) -> None:
+def _python_view(ctypes, libc, proc: bool = False) -> None:
     """Make our (new, private) mount namespace's root a view of nothing but Python.
 
     The root is a fresh tmpfs holding read-only binds of the interpreter, its standard library and
@@ -304,7 +304,9 @@ def _python_view(ctypes, libc) -> None:
     private tmpfs (`VIEW_WORKDIRS`); then pivot_root(2) onto it and detach the host's root. The
     project checkout, /tmp, /home, /root, datasets, caches and every path-bound unix socket are not
     in the view at all -- a read-only mount hides no file and does not stop connect(2), a missing
-    path does both. Binds are not recursive, so no mount below a bound dir comes along.
+    path does both. Binds are not recursive, so no mount below a bound dir comes along. With
+    `proc`, the sandbox's /proc is mounted too (a user namespace may mount a proc only while a
+    fully visible one is in its mount namespace, so it must come before the host's root goes).
     """
     _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
     sources, hide = _view_sources()
@@ -334,6 +336,8 @@ def _python_view(ctypes, libc) -> None:
             _check(ctypes, libc.mount(f"/dev/{name}".encode(), f"{root}/dev/{name}".encode(), None, _MS_BIND, None), name)
         for name in ("proc", VIEW_WORKDIRS.strip("/")):
             os.makedirs(f"{root}/{name}", 0o755, exist_ok=True)
+        if proc:  # in a user namespace proc can only be mounted while the host's is still in view
+            _mount_proc(ctypes, libc, f"{root}/proc")
     finally:
         for _, fd in held:
             os.close(fd)
@@ -1183,15 +1187,19 @@ def _enter(iso: dict, ready: bool) -> None:
     if not ready or (iso["ns"] and os.getpid() != 1):
         raise OSError("the sandbox's namespaces could not be set up")
     if iso["ns"]:
-        if iso["userns"]:  # the launcher made them all; the view is ours to build
-            if iso["mounts"]:
-                _python_view(ctypes, libc)
-        else:  # a copy of the spawner's mount namespace: the view, or the host's mounts
+        if iso["userns"] and iso["mounts"]:  # the launcher made them all; the view is ours to build
+            _python_view(ctypes, libc, proc=True)
+            return
+        if not iso["userns"]:  # a copy of the spawner's mount namespace: the view, or the host's mounts
             _check(ctypes, libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS), "unshare")
             if not iso["mounts"]:
                 _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
-        ret = libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
-        _check(ctypes, ret, "mount /proc")
+        _mount_proc(ctypes, libc, "/proc")
+
+
+def _mount_proc(ctypes, libc, path: str) -> None:
+    ret = libc.mount(b"proc", path.encode(), b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+    _check(ctypes, ret, f"mount {path}")
 
 
 def _seal(header: dict) -> None:

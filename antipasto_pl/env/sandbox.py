@@ -27,8 +27,8 @@ namespace no other running sandbox uses:
 
 Resource limits (CPU, address space, file size, processes, open files, no core dumps) are set on
 the worker right before the submission runs; as root, each sandbox also gets a memory cgroup that
-bounds all its processes and its tmpfs together (`memory_bound`). The wall clock is enforced twice: per job by the
-supervisor inside, and by this module, which SIGKILLs the sandbox's first process (ending its pid
+bounds all its processes and its tmpfs together (`memory_bound`). The wall clock is enforced twice:
+per job by the supervisor inside, and by this module, which SIGKILLs the sandbox's first process (ending its pid
 namespace) and, without a pid namespace, its process group and every process of the sandbox uid.
 Output is read incrementally and the sandbox is killed as soon as a job exceeds its byte budget
 (the jobs after it then run in a fresh sandbox).
@@ -39,8 +39,8 @@ Whatever a submission does, the worst it gets is a failed grade: a job that cann
 sandbox runs in a fresh one, and only a fault of the sandbox itself raises `SandboxError`.
 
 Isolation levels (`isolation_level()`): "full" (namespaces + the view of nothing but Python +
-unprivileged uid or no capabilities), "namespaces" (namespaces, but building the view failed), "none" (rlimits, a process
-group and, as root, an unprivileged uid). Anything below "full" logs one warning per process.
+unprivileged uid or no capabilities), "namespaces" (namespaces, but building the view failed),
+"none" (rlimits, a process group and, as root, an unprivileged uid). Anything below "full" logs one warning per process.
 """
 
 from __future__ import annotations
@@ -104,9 +104,8 @@ class SandboxLimits:
             object.__setattr__(self, "sandbox_memory_bytes", self.memory_bytes + self.disk_bytes)
         if not (self.wall_s > 0 and math.isfinite(self.wall_s)):
             raise ValueError(f"SandboxLimits.wall_s must be a positive finite number of seconds, got {self.wall_s!r}")
-        for name in (
-            "memory_bytes", "file_size_bytes", "nproc", "nofile", "output_bytes", "result_bytes", "disk_bytes", "sandbox_memory_bytes"
-        ):
+        sizes = ("memory_bytes", "file_size_bytes", "output_bytes", "result_bytes", "disk_bytes", "sandbox_memory_bytes")
+        for name in (*sizes, "nproc", "nofile"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive int, got {value!r}")
@@ -138,7 +137,9 @@ class SandboxResult:
     stderr: bytes
     ready: bool  # the harness reached the point of running the submission
     done: dict[str, Any] | None  # worker's report (verdict / oracle results), None if it never finished
-    exit: dict[str, Any] | None  # supervisor's report on the worker: {"code": n} | {"signal": n} | {"timeout": True}, "oom"
+    # supervisor's report on the worker: {"code": n} | {"signal": n} | {"timeout": True}, plus "oom": True
+    # when the sandbox's memory cgroup OOM-killed one of the job's processes
+    exit: dict[str, Any] | None
     timed_out: bool
     output_exceeded: bool
     files: dict[str, bytes] = field(default_factory=dict)

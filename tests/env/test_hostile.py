@@ -284,3 +284,20 @@ def test_a_triple_backtick_inside_a_string_does_not_end_the_code(grader: Grader,
     assert extract_code(completion) == code
     (grade,) = grader.grade_batch([(problem, completion)])
     assert grade.gt_correct and grade.gt_error is None
+
+
+@needs_view
+def test_the_user_namespace_path_builds_the_same_view(problems) -> None:
+    """Without root the supervisor builds the view itself, inside a user namespace (as root that path
+    runs too): the same listing, and a sabotaged supervisor (same uid there) still runs the next job."""
+    iso = sandbox._Isolation("full", ns=True, mounts=True, userns=True, drop_uid=False)
+    code = (
+        "import os, resource\n"
+        f"print(sorted(os.listdir('/')), os.path.exists({os.getcwd()!r}), os.path.exists('/tmp'))\n"
+        "resource.prlimit(1, resource.RLIMIT_NPROC, (1, 1))\n"
+    )
+    jobs = [({"kind": "script", "code": code}, ()), ({"kind": "script", "code": "print('next')"}, ())]
+    first, second = sandbox._run_jobs(iso, jobs, SandboxLimits(wall_s=5.0), None)
+    as_root = sandbox.run_code(code, SandboxLimits(wall_s=5.0))  # the spawner's view
+    assert first.stdout == as_root.stdout and first.stdout.endswith(b" False False\n"), (first.stdout, as_root.stdout)
+    assert second.stdout == b"next\n"
