@@ -128,7 +128,7 @@ def _main(args: list[str]) -> None:
         return
     for path in _config_paths(args):
         check_config_file(path)
-    AntipastoCLI(args=args)
+    AntipastoCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv, and does not warn
 
 
 def _config_paths(args: list[str]) -> list[str]:
