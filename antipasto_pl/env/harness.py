@@ -472,6 +472,7 @@ class _MemoryGroups:
         self._lent: dict[int, _MemoryGroup] = {}
         self._count = 0
         if found:
+            _remove_stale_groups(self._base)
             try:
                 self._base = os.path.join(self._base, f"antipasto-{os.getpid()}")
                 os.mkdir(self._base, 0o700)
@@ -515,6 +516,24 @@ class _MemoryGroups:
         if self._base and not groups:
             try:
                 os.rmdir(self._base)
+            except OSError:
+                pass
+
+
+def _remove_stale_groups(parent: str) -> None:
+    """Remove the (empty) groups of fork servers that were killed before they could (their pid is gone)."""
+    for name in os.listdir(parent):
+        pid = name.removeprefix("antipasto-")
+        if name.startswith("antipasto-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            stale = os.path.join(parent, name)
+            for sub in [os.path.join(stale, n) for n in os.listdir(stale)]:
+                if os.path.isdir(sub):
+                    try:
+                        os.rmdir(sub)
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(stale)
             except OSError:
                 pass
 
@@ -872,7 +891,7 @@ class _Spawner:
     that setup delays a sandbox (`_spare`).
     """
 
-    def __init__(self, lifeline: int) -> None:
+    def __init__(self, lifeline: int, memory_groups: bool = True) -> None:
         self._ctypes, self._libc = _libc()
         self._lifeline = lifeline
         self._root = os.geteuid() == 0
@@ -882,7 +901,7 @@ class _Spawner:
         self._view = self._make_view() if self._root else None
         self._idle_nets: list[int] = []
         self._lent: dict[int, int] = {}  # sandbox pid -> its network namespace
-        self._groups = _MemoryGroups(enabled=self._root)
+        self._groups = _MemoryGroups(enabled=self._root and memory_groups)
         self._group: _MemoryGroup | None = None  # for the next child (chosen by `_place`)
         self._spares: dict[tuple, tuple[int, socket.socket]] = {}  # isolation -> (pid, socket to it)
 
@@ -1305,9 +1324,8 @@ def main(argv: list[str]) -> None:
         _serve(int(argv[2]), int(argv[3]))
     elif argv[1] == "--run":
         request = argv[2].encode()
-        spawner = _Spawner(int(argv[4]))
+        spawner = _Spawner(int(argv[4]), memory_groups=False)  # the grader SIGKILLs us: no one would remove them
         os.waitpid(spawner.spawn(request, json.loads(request), [int(fd) for fd in argv[3].split(",")]), 0)
-        spawner.close()
     else:
         raise SystemExit(f"usage: harness.py --serve SOCK LIFELINE | --run HEADER FDS LIFELINE, got {argv[1:]}")
 

@@ -194,7 +194,8 @@ def memory_bound() -> str:
     sandbox capped at `SandboxLimits.sandbox_memory_bytes`: past it the kernel's OOM killer ends the
     sandbox's largest process, and the grade says "memory"), or "rlimit" where neither is usable
     (not root, or no memory controller delegated to us): then only each process is capped (RLIMIT_AS),
-    and a sandbox can hold up to `nproc` x `memory_bytes` plus its tmpfs."""
+    and a sandbox can hold up to `nproc` x `memory_bytes` plus its tmpfs. Sandboxes started without
+    the fork server (no pidfds) are bounded by rlimits only: nothing would remove their cgroups."""
     _isolation()
     return _memory
 

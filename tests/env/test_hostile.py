@@ -7,6 +7,7 @@ plus the sandbox-wide memory bound.
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import sys
@@ -301,3 +302,22 @@ def test_the_user_namespace_path_builds_the_same_view(problems) -> None:
     as_root = sandbox.run_code(code, SandboxLimits(wall_s=5.0))  # the spawner's view
     assert first.stdout == as_root.stdout and first.stdout.endswith(b" False False\n"), (first.stdout, as_root.stdout)
     assert second.stdout == b"next\n"
+
+
+def test_memory_cgroups_do_not_outlive_their_fork_server(monkeypatch) -> None:
+    """Each fork server removes its sandboxes' memory cgroups when it stops (and those of killed ones
+    when it starts); a sandbox launched without one gets none (nothing would remove it)."""
+    if sandbox.memory_bound() == "rlimit":
+        pytest.skip("no cgroup memory controller here")
+    assert sandbox.run_code("pass").memory != "rlimit"
+    server = sandbox._server.proc.pid
+    assert _groups_of(server)
+    sandbox._stop_server()
+    sandbox._server = None
+    assert not _groups_of(server)
+    monkeypatch.setattr(sandbox, "_FORK_SERVER", False)
+    assert sandbox.run_code("pass").memory == "rlimit"
+
+
+def _groups_of(pid: int) -> list[str]:
+    return glob.glob(f"/sys/fs/cgroup/**/antipasto-{pid}", recursive=True)
