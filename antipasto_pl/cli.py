@@ -8,13 +8,16 @@ signatures and docstrings jsonargparse turns into CLIs; they are registered in
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -89,7 +92,7 @@ class AntipastoCLI(LightningCLI):
 
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and Path(ckpt_path).exists():
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path:
             check_checkpoint_file(ckpt_path)  # before LightningCLI unpickles it for the hyperparameters
 
     def _warn_if_untrained(self) -> None:
@@ -118,15 +121,73 @@ class AntipastoCLI(LightningCLI):
         return trainer
 
 
+# What a user's input can cause (a bad path, file, value or config); anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, yaml.YAMLError, MisconfigurationException)
+DEBUG_HINT = "(run with --debug or ANTIPASTO_DEBUG=1 for the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``antipasto`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``antipasto`` console script.
+
+    From the command line (`argv` None) a user error exits with status 1 and two lines -- the message,
+    which names the thing, the file and what was expected, and how to see the traceback (``--debug``
+    or ``ANTIPASTO_DEBUG=1``); called with `argv` (tests, notebooks) errors raise as usual.
+    """
+    if argv is not None:
+        _main(list(argv))
+        return
+    args = sys.argv[1:]
+    debug = "--debug" in args or os.environ.get("ANTIPASTO_DEBUG", "") not in ("", "0")
+    try:
+        _main([a for a in args if a != "--debug"])
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        sys.exit(f"antipasto: error: {' '.join(str(exc).split())}\n{DEBUG_HINT}")
+
+
+def _main(args: list[str]) -> None:
     if args and args[0] in EXTRA_COMMANDS:
         from jsonargparse import auto_cli
 
         auto_cli(_load(EXTRA_COMMANDS[args[0]]), args=args[1:], as_positional=False)
         return
-    AntipastoCLI(args=None if argv is None else args)
+    for path in _config_paths(args):
+        check_config_file(path)
+    AntipastoCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv, and does not warn
+
+
+def _config_paths(args: list[str]) -> list[str]:
+    """The files given to ``--config`` / ``-c`` (jsonargparse's own errors for them name no file)."""
+    paths = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            paths.append(arg.partition("=")[2])
+        elif arg in ("--config", "-c") and i + 1 < len(args):
+            paths.append(args[i + 1])
+    return paths
+
+
+def check_config_file(path: str) -> None:
+    """Fail, naming the file, on a config that is missing, unreadable, not YAML, empty or not a mapping."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} cannot be read ({exc.__class__.__name__}: {exc}); expected a YAML file") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if config is None:
+        raise ValueError(f"config file {path} is empty; expected a YAML mapping of options (model:, data:, trainer:, ...)")
+    if not isinstance(config, dict):
+        raise ValueError(f"config file {path} holds a {type(config).__name__}; expected a YAML mapping of options (model:, data:, trainer:, ...)")
 
 
 if __name__ == "__main__":

@@ -241,12 +241,24 @@ def convert_smollm2(cache_dir: str | None = None) -> Path:
     return target
 
 
+def _check_source(name: str) -> None:
+    """Name a local model path that does not exist (else from_pretrained takes it for a Hub repo id
+    and fails with a long traceback about repo id syntax)."""
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if local and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"model.policy.name: {name!r} is not an existing model directory; expected a directory with config.json, "
+            f"one of {sorted(TINY_CONFIGS) + [SMOLLM2_NAME]}, or a Hugging Face repo id 'namespace/name'"
+        )
+
+
 def load_policy(cfg: PolicyConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build the policy model (frozen, eval mode) and its tokenizer from ``cfg``."""
     if cfg.name in TINY_CONFIGS:
         model, tokenizer = _tiny_policy(cfg)
     else:
         source = str(convert_smollm2(cfg.cache_dir)) if cfg.name == SMOLLM2_NAME else cfg.name
+        _check_source(source)
         check_decoder_only(AutoConfig.from_pretrained(source))
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(

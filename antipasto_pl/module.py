@@ -462,6 +462,7 @@ class AntipastoModule(L.LightningModule):
         lap("generate")
         self.grade_groups(groups)
         lap("grade_wait")
+        self.log("train/sandbox_errors", float(sum(s.grade.error == "sandbox" for g in groups for s in g.samples)), reduce_fx="sum", batch_size=1)
         self.last_groups = groups
         chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
         # Both sources at once, so the frozen policies run each group's prompt once.

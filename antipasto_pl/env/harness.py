@@ -12,25 +12,33 @@ A sandbox runs a sequence of jobs (the grader's oracle, then its loophole grade)
                into a fresh pid namespace and namespaces it prepared once (`_Spawner`).
     launcher   (only without root): creates a user namespace and the others, forks the supervisor.
     supervisor (pid 1 of the sandbox's pid namespace; trusted code only): its own mount/ipc/uts
-               namespaces, a fresh /proc, a private tmpfs for working dirs, then no privileges. Then
+               namespaces in the view of nothing but Python (`_python_view`), a fresh /proc, a
+               private tmpfs for working dirs, its memory cgroup (`_MemoryGroup`), then no
+               privileges (and a saved uid no job has, so no job can lower its rlimits). Then
                for each job in turn: reads the job, creates its fresh working dir, forks its worker,
                enforces the wall deadline and the lifeline, kills every other process in the
                namespace (daemons included), reads back the files to collect and reports -- so
                nothing a job started is still running when the next one begins. It reads job i only
                when job i starts, so no worker ever has a later job's data (say, the expected values
-               a loophole grade compares with) in its memory.
-    worker     (runs the submission): closes every fd but its own three, rlimits, "ready" record,
-               exec + mode check, "done" record.
+               a loophole grade compares with) in its memory. A job that cannot start (an earlier
+               one filled the disk, say) ends the sandbox; the grader runs the rest in a fresh one.
+    worker     (runs the submission): closes every fd but its own, rlimits, "ready" byte on a pipe
+               it then closes, exec + mode check, "done" record.
 
 Jobs of one sandbox share its namespaces and its uid; each has its own working dir, fds and nonce.
 A later job can see what an earlier one left in the sandbox (its files, SysV IPC objects) but not the
 other way round, and an earlier job's collected files are read before the next job starts; the
 grader therefore runs the oracle first.
 
-Two record channels: the supervisor reports on a status pipe no worker holds (each job's exit status
-and collected files, setup failures); each worker writes JSON lines carrying its job's random nonce
-to its own result file (unnamed; the grader reads it once the job is over), so text the submission
-prints (stdout is a separate pipe) can never be mistaken for a verdict.
+Record channels, by who can write them: the supervisor reports on a status pipe no worker holds
+(each job's exit status, whether its worker got ready, its OOM kills and collected files; setup
+failures), so those are the submission's effects as observed from outside. Each worker writes one
+"done" record (its job's nonce, its verdict or oracle answers) to its own result file (unnamed; the
+grader reads it once the job is over). That file is writable by any code in the worker, the
+submission's included -- no secret can be kept from code running in the same process -- so the
+grader treats the record as the submission's data: it is checked field by field and against the
+exit status the supervisor saw (`sandbox._parse_done`), the oracle's answers are compared with the
+expected values outside, and the stdout, file and exit-status verdicts never depend on it.
 """
 
 from __future__ import annotations
@@ -61,10 +69,14 @@ _LABEL_ASSERTION = "assertion"
 _LABEL_EXCEPTION = "exception"
 _LABEL_MISSING = "missing"
 _LABEL_TYPE = "bad_type"
+LABELS = frozenset({_LABEL_SYNTAX, _LABEL_MEMORY, _LABEL_EXIT, _LABEL_ASSERTION, _LABEL_EXCEPTION, _LABEL_MISSING, _LABEL_TYPE})
 
 _AT_FDCWD = -100
 _AT_RECURSIVE = 0x8000
 _MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
+_MS_RDONLY = 1
 _MS_BIND = 4096
 _MS_REC = 16384
 _MS_NOSUID = 2
@@ -87,6 +99,7 @@ _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _SECURE_ALL_LOCKED = 0x2F  # NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED and their locks
 _TMPFS_INODES = 1 << 14  # files + dirs all jobs of one sandbox may create
+_SAVED_UID_OFFSET = 1 << 29  # sandbox uids are 2**20 + [0, 2**29): the supervisor's saved uid is none of them
 
 
 # ---------------------------------------------------------------- strict canonical form (oracle)
@@ -219,46 +232,120 @@ def _mount_setattr(ctypes, libc, path: str, flags: int, attr_set: int, attr_clr:
     _check(ctypes, ret, f"mount_setattr({path})")
 
 
-def _bind(ctypes, libc, src: str, dst: str) -> None:
-    _check(ctypes, libc.mount(src.encode(), dst.encode(), None, _MS_BIND | _MS_REC, None), f"bind {dst}")
+VIEW_WORKDIRS = "/sandbox"  # inside the view: where each sandbox mounts its private tmpfs for its jobs' dirs
+_VIEW_DEVICES = ("null", "zero", "full", "random", "urandom")
+_MNT_DETACH = 2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 41)  # 41: the generic table
 
 
-def _untraversable_ancestor(path: str) -> str | None:
-    """Top-most ancestor of `path` that a uid owning nothing cannot enter (e.g. a 0700 /root)."""
-    cur = ""
-    for part in os.path.abspath(path).split(os.sep)[1:]:
-        cur += os.sep + part
-        if not os.stat(cur).st_mode & 0o001:
-            return cur
-    return None
+def _view_sources() -> tuple[list[str], list[str]]:
+    """(host paths the view binds read-only, paths to hide below them): the interpreter, its
+    standard library (``sys.path`` of a ``-I -S`` interpreter: no site-packages), the shared
+    libraries this process has mapped and the system library dirs its extension modules load more
+    from; hidden: site-packages dirs. Computed once, before any sandbox (`_Spawner`)."""
+    global _VIEW_SOURCES
+    if _VIEW_SOURCES is None:
+        import sysconfig
+
+        multiarch = sysconfig.get_config_var("MULTIARCH")
+        libs = ["/lib64", "/usr/lib64"] + ([f"/lib/{multiarch}", f"/usr/lib/{multiarch}"] if multiarch else [])
+        here = os.path.dirname(os.path.abspath(__file__))  # never the checkout, even if on sys.path
+        dirs = [p for p in [*sys.path, *libs] if os.path.isdir(p) and p != here]
+        files = [sys.executable]
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split(maxsplit=5)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if path.startswith("/") and os.path.isfile(path) and not path.startswith(here + "/"):
+                    files.append(path)
+        hide = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+        hide.update(os.path.join(d, n) for d in dirs for n in ("site-packages", "dist-packages"))
+        _VIEW_SOURCES = sorted(dirs, key=len) + sorted(set(files)), sorted(p for p in hide if os.path.isdir(p))
+    return _VIEW_SOURCES
 
 
-def _cover(ctypes, libc, top: str, keep: str) -> None:
-    """Hide everything under `top` behind an empty tmpfs except `keep`, bound back at its own path."""
-    keep_fd = os.open(keep, os.O_PATH)
-    ret = libc.mount(b"tmpfs", top.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=755,size=64k")
-    _check(ctypes, ret, f"tmpfs over {top}")
-    os.makedirs(keep, mode=0o755, exist_ok=True)
-    _bind(ctypes, libc, f"/proc/self/fd/{keep_fd}", keep)
-    os.close(keep_fd)
+_VIEW_SOURCES: tuple[list[str], list[str]] | None = None
 
 
-def _read_only_view(ctypes, libc, foreign_uid: bool) -> None:
-    """Make every mount of our (new) mount namespace private and read-only.
+def _mirror(root: str, path: str, depth: int = 0) -> str:
+    """Create under `root` the dirs and symlinks that lead to host `path`, so that `path` resolves in
+    the view as it does on the host; return `path` with its symlinks resolved (where a bind goes)."""
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for i, part in enumerate(parts):
+        nxt = os.path.join(cur, part)
+        if os.path.islink(nxt):
+            if depth > 32:
+                raise OSError(40, f"too many symlinks in {path}")
+            if not os.path.lexists(root + nxt):
+                os.symlink(os.readlink(nxt), root + nxt)
+            target = os.path.normpath(os.path.join(cur, os.readlink(nxt), *parts[i + 1 :]))
+            return _mirror(root, target, depth + 1)
+        cur = nxt
+        if i < len(parts) - 1 and not os.path.isdir(root + cur):
+            os.mkdir(root + cur, 0o755)
+    return cur
 
-    With `foreign_uid` (the sandboxes run as a uid that owns nothing) and the interpreter's stdlib
-    below a directory such a uid cannot enter (pyenv or a venv under a 0700 /root), that directory
-    is covered by an empty tmpfs with only the stdlib bound back in -- which also hides the rest of
-    that home directory.
+
+def _mount_point(path: str, like: str) -> None:
+    if os.path.isdir(like):
+        os.makedirs(path, 0o755, exist_ok=True)
+    elif not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
+def _python_view(ctypes, libc, proc: bool = False) -> None:
+    """Make our (new, private) mount namespace's root a view of nothing but Python.
+
+    The root is a fresh tmpfs holding read-only binds of the interpreter, its standard library and
+    the shared libraries it needs (`_view_sources`; site-packages covered by an empty read-only
+    tmpfs), the five harmless device nodes, and empty mount points for the sandbox's /proc and its
+    private tmpfs (`VIEW_WORKDIRS`); then pivot_root(2) onto it and detach the host's root. The
+    project checkout, /tmp, /home, /root, datasets, caches and every path-bound unix socket are not
+    in the view at all -- a read-only mount hides no file and does not stop connect(2), a missing
+    path does both. Binds are not recursive, so no mount below a bound dir comes along. With
+    `proc`, the sandbox's /proc is mounted too (a user namespace may mount a proc only while a
+    fully visible one is in its mount namespace, so it must come before the host's root goes).
     """
-    # keep our mounts out of the host's mount table (a new mount ns inherits shared propagation)
     _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
-    stdlib = os.path.dirname(os.__file__)
-    blocked = _untraversable_ancestor(stdlib) if foreign_uid else None
-    _mount_setattr(ctypes, libc, "/", _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, 0)
-    if blocked:
-        _cover(ctypes, libc, blocked, stdlib)
-        _mount_setattr(ctypes, libc, blocked, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, 0)
+    sources, hide = _view_sources()
+    rdonly = _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+    # sources are opened before the new root covers anything (it is mounted over the host's /tmp)
+    held = [(p, os.open(p, os.O_PATH)) for p in sources]
+    root = "/tmp" if os.path.isdir("/tmp") else "/mnt"
+    ret = libc.mount(b"tmpfs", root.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=755,size=1m,nr_inodes=4096")
+    _check(ctypes, ret, "view root tmpfs")
+    try:
+        bound: list[str] = []
+        for path, fd in held:  # dirs (outermost first), then files
+            real = _mirror(root, path)
+            if any(real == b or real.startswith(b + "/") for b in bound):
+                continue
+            _mount_point(root + real, f"/proc/self/fd/{fd}")
+            ret = libc.mount(f"/proc/self/fd/{fd}".encode(), (root + real).encode(), None, _MS_BIND, None)
+            _check(ctypes, ret, f"bind {real}")
+            _mount_setattr(ctypes, libc, root + real, 0, rdonly, 0)
+            bound.append(real)
+        for path in map(os.path.realpath, hide):
+            if any(path.startswith(b + "/") for b in bound):
+                ret = libc.mount(b"tmpfs", (root + path).encode(), b"tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, b"size=4k")
+                _check(ctypes, ret, f"hide {path}")
+        for name in _VIEW_DEVICES:
+            _mount_point(f"{root}/dev/{name}", f"/dev/{name}")
+            _check(ctypes, libc.mount(f"/dev/{name}".encode(), f"{root}/dev/{name}".encode(), None, _MS_BIND, None), name)
+        for name in ("proc", VIEW_WORKDIRS.strip("/")):
+            os.makedirs(f"{root}/{name}", 0o755, exist_ok=True)
+        if proc:  # in a user namespace proc can only be mounted while the host's is still in view
+            _mount_proc(ctypes, libc, f"{root}/proc")
+    finally:
+        for _, fd in held:
+            os.close(fd)
+    os.chdir(root)
+    _check(ctypes, libc.syscall(_SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(ctypes, libc.umount2(b".", _MNT_DETACH), "detach the host root")
+    os.chdir("/")
+    _mount_setattr(ctypes, libc, "/", 0, rdonly, 0)
 
 
 def _sandbox_tmpfs(ctypes, libc, path: str, uid: int | None, size: int) -> None:
@@ -273,13 +360,201 @@ def _sandbox_tmpfs(ctypes, libc, path: str, uid: int | None, size: int) -> None:
         os.chown(path, uid, uid)
 
 
+class _MemoryGroup:
+    """One sandbox's memory cgroup, lent by the spawner: open fds (its supervisor, already in the
+    view, cannot open cgroupfs paths) to set its limit, join it and count its OOM kills."""
+
+    _FILES = {
+        "cgroup v2": ("memory.max", "memory.swap.max", "memory.events"),
+        "cgroup v1": ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", "memory.oom_control"),
+    }
+
+    def __init__(self, kind: str, path: str) -> None:
+        os.mkdir(path, 0o700)
+        limit, swap, events = self._FILES[kind]
+        self.kind, self.path = kind, path
+        self.procs = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+        self.limit = os.open(os.path.join(path, limit), os.O_WRONLY)
+        self.events = os.open(os.path.join(path, events), os.O_RDONLY)
+        try:  # absent where the kernel has no swap accounting
+            self.swap: int | None = os.open(os.path.join(path, swap), os.O_WRONLY)
+        except OSError:
+            self.swap = None
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.procs, self.limit, self.events, self.swap) if fd is not None)
+
+    def join(self, limit: int) -> None:
+        """Cap the group's memory (and swap: none in v2, none beyond the cap in v1) at `limit` bytes and
+        move the calling process in; everything it forks from then on is charged to the group."""
+        swap = b"0" if self.kind == "cgroup v2" else str(limit).encode()
+        if self.swap is not None and self.kind == "cgroup v1":
+            _write_either_order(self.limit, str(limit).encode(), self.swap, swap)
+        else:
+            os.pwrite(self.limit, str(limit).encode(), 0)
+            if self.swap is not None:
+                os.pwrite(self.swap, swap, 0)
+        os.pwrite(self.procs, b"0", 0)
+
+    def oom_kills(self) -> int:
+        for line in os.pread(self.events, 4096, 0).decode().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def close(self) -> bool:
+        """Close our fds and remove the group; False while it still holds processes (try again later)."""
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        for fd in self.fds():
+            os.close(fd)
+        return True
+
+
+def _write_either_order(first: int, a: bytes, second: int, b: bytes) -> None:
+    """v1 wants memory.limit_in_bytes <= memory.memsw.limit_in_bytes at every moment: write them in
+    whichever order keeps that true (lowering: the limit first; raising: memsw first)."""
+    try:
+        os.pwrite(first, a, 0)
+        os.pwrite(second, b, 0)
+    except OSError:
+        os.pwrite(second, b, 0)
+        os.pwrite(first, a, 0)
+
+
+def _memory_cgroup_dir() -> tuple[str, str] | None:
+    """(kind, our own cgroup's dir) where we can create child groups that limit memory: cgroup v2 with
+    the memory controller enabled for our children (we try to enable it), else cgroup v1's memory
+    hierarchy; None where neither is mounted and writable (then `SandboxLimits.sandbox_memory_bytes`
+    is not enforced: each process has RLIMIT_AS, and RLIMIT_NPROC caps how many there are)."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            own = dict((ctrl, path) for _, ctrl, path in (line.rstrip("\n").split(":", 2) for line in fh))
+        mounts: dict[str, str] = {}
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                pre, post = line.split(" - ", 1)
+                fstype, _, opts = post.split()[:3]
+                if fstype == "cgroup2":
+                    mounts.setdefault("cgroup v2", pre.split()[4])
+                elif fstype == "cgroup" and "memory" in opts.split(","):
+                    mounts.setdefault("cgroup v1", pre.split()[4])
+    except (OSError, ValueError):
+        return None
+    if "cgroup v2" in mounts and "" in own:
+        path = mounts["cgroup v2"] + own[""]
+        try:
+            with open(os.path.join(path, "cgroup.subtree_control"), "r+") as fh:
+                if "memory" not in fh.read().split():
+                    fh.write("+memory")  # refused (EBUSY) where our own group holds processes
+            return "cgroup v2", path
+        except OSError:
+            pass
+    memory = next((path for ctrl, path in own.items() if "memory" in ctrl.split(",")), None)
+    if "cgroup v1" in mounts and memory is not None and os.access(mounts["cgroup v1"] + memory, os.W_OK):
+        return "cgroup v1", mounts["cgroup v1"] + memory
+    return None
+
+
+class _MemoryGroups:
+    """The spawner's pool of memory cgroups, one lent to each running sandbox and reused once that
+    sandbox is reaped (like its network namespace), all below a group of this process's own."""
+
+    def __init__(self, enabled: bool) -> None:
+        found = _memory_cgroup_dir() if enabled else None
+        self.kind, self._base = found if found else ("rlimit", "")
+        self._idle: list[_MemoryGroup] = []
+        self._lent: dict[int, _MemoryGroup] = {}
+        self._count = 0
+        if found:
+            _remove_stale_groups(self._base)
+            try:
+                self._base = os.path.join(self._base, f"antipasto-{os.getpid()}")
+                os.mkdir(self._base, 0o700)
+                if self.kind == "cgroup v2":
+                    with open(os.path.join(self._base, "cgroup.subtree_control"), "w") as fh:
+                        fh.write("+memory")
+            except OSError:
+                self.kind = "rlimit"
+
+    def lend(self) -> _MemoryGroup | None:
+        if self.kind == "rlimit":
+            return None
+        if self._idle:
+            return self._idle.pop()
+        self._count += 1
+        try:
+            return _MemoryGroup(self.kind, os.path.join(self._base, f"s{self._count}"))
+        except OSError:
+            return None
+
+    def fds(self) -> list[int]:
+        return [fd for group in (*self._idle, *self._lent.values()) for fd in group.fds()]
+
+    def lent(self, pid: int, group: _MemoryGroup) -> None:
+        self._lent[pid] = group
+
+    def returned(self, pid: int) -> None:
+        group = self._lent.pop(pid, None)
+        if group is not None:
+            self._idle.append(group)
+
+    def close(self, wait_s: float = 2.0) -> None:
+        """Remove every group (retrying while the last sandboxes die) and our own."""
+        groups = [*self._idle, *self._lent.values()]
+        deadline = time.monotonic() + wait_s
+        while groups and time.monotonic() < deadline:
+            _reap()
+            groups = [g for g in groups if not g.close()]
+            if groups:
+                time.sleep(0.02)
+        if self._base and not groups:
+            try:
+                os.rmdir(self._base)
+            except OSError:
+                pass
+
+
+def _remove_stale_groups(parent: str) -> None:
+    """Remove the (empty) groups of fork servers that were killed before they could (their pid is gone)."""
+    for name in os.listdir(parent):
+        pid = name.removeprefix("antipasto-")
+        if name.startswith("antipasto-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            stale = os.path.join(parent, name)
+            for sub in [os.path.join(stale, n) for n in os.listdir(stale)]:
+                if os.path.isdir(sub):
+                    try:
+                        os.rmdir(sub)
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(stale)
+            except OSError:
+                pass
+
+
+_CGROUP: _MemoryGroup | None = None  # in a supervisor: the memory cgroup its spawner lent it
+
+
+def _oom_kills(group: _MemoryGroup | None) -> int:
+    return group.oom_kills() if group is not None else 0
+
+
 def _drop_privileges(ctypes, libc, iso: dict) -> None:
     """Become the unprivileged sandbox uid (real root) or shed all capabilities (user namespace);
     in every case forbid gaining privileges again (setuid binaries, file capabilities)."""
     if iso["uid"] is not None:
         os.setgroups([])
         os.setresgid(iso["gid"], iso["gid"], iso["gid"])
-        os.setresuid(iso["uid"], iso["uid"], iso["uid"])
+        # a saved uid no submission has: prlimit(2) and ptrace need all three uids to match, so the
+        # jobs' code (same real uid, which lets us kill it) cannot lower our limits (say RLIMIT_NPROC,
+        # to stop us forking the next job's worker); each worker drops it before the submission runs
+        os.setresuid(iso["uid"], iso["uid"], iso["uid"] + _SAVED_UID_OFFSET)
     elif iso["userns"]:
         _check(ctypes, libc.prctl(_PR_SET_SECUREBITS, _SECURE_ALL_LOCKED, 0, 0, 0), "securebits")
         for cap in range(64):
@@ -460,8 +735,8 @@ def _run(job: dict, out: _Out, compiled: types.CodeType | None) -> None:
     _flush()
     if passed is None:
         out("done", ok=False, label=_LABEL_MISSING)
-    else:
-        out("done", ok=True, passed=passed)
+        os._exit(1)  # like every failure: `sandbox._parse_done` checks the record against the exit status
+    out("done", ok=True, passed=passed)
 
 
 def _verdict(kind: str, ns: dict, job: dict) -> bool | None:
@@ -553,26 +828,34 @@ def _flush() -> None:
             pass
 
 
-def _prepare(job: dict) -> bytes:
+def _prepare(job: dict) -> None:
     """Set, in the supervisor, what its next worker inherits: working dir, environment, argv. A fresh
-    process pays a copy-on-write fault for every page this touches; we do only on the first job.
-    Returns the worker's "ready" record."""
+    process pays a copy-on-write fault for every page this touches; we do only on the first job."""
     os.mkdir(job["workdir"], 0o700)
     os.chdir(job["workdir"])
     _set_environ(job["env"])
     sys.argv = ["solution.py"]  # as if run as `python solution.py` (argparse / unittest.main read it)
-    return _Out(3, job["nonce"]).line("ready")
 
 
-def _worker(job: dict, stdout: int, stderr: int, result: int, compiled: types.CodeType | None, ready: bytes) -> None:
-    """Run one job in a forked child of the supervisor (see `_prepare`). Never returns."""
+def _worker(job: dict, stdout: int, stderr: int, result: int, ready: int, compiled: types.CodeType | None) -> None:
+    """Run one job in a forked child of the supervisor (see `_prepare`). Never returns.
+
+    "Ready" (the limits are set, the submission is next) is one byte on a pipe whose write end is
+    closed before any submission code runs, so nothing the submission does can write or erase it.
+    The result file (fd 3) gets the "done" record, which the grader treats as the submission's
+    data (`sandbox._parse_done`): any code in this process can write there.
+    """
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
     os.dup2(result, 3)
+    os.dup2(ready, 4)
     # everything else goes: the status pipe, the lifeline, later jobs' data and other jobs' fds
-    os.closerange(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(5, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    uid = os.getuid()
+    os.setresuid(uid, uid, uid)  # give up the supervisor's saved uid (see `_drop_privileges`)
     _set_limits(job["limits"])
-    os.write(3, ready)
+    os.write(4, b"r")
+    os.close(4)
     _run(job, _Out(3, job["nonce"]), compiled)
     os._exit(0)
 
@@ -595,7 +878,7 @@ class _Spawner:
     """Starts sandboxes: the state of the fork server (or of the one-shot ``--run`` process).
 
     As root it prepares, once, what sandboxes can share without sharing anything a sandbox can
-    change: a mount namespace holding the read-only view (each supervisor copies it with
+    change: a mount namespace holding the view of nothing but Python (each supervisor copies it with
     unshare(2) and only adds its /proc and tmpfs), and empty network namespaces, each lent to one
     running sandbox at a time and reused once every process of that sandbox is gone. Creating (and,
     asynchronously, destroying) a network namespace costs the kernel more than the rest of a
@@ -608,15 +891,18 @@ class _Spawner:
     that setup delays a sandbox (`_spare`).
     """
 
-    def __init__(self, lifeline: int) -> None:
+    def __init__(self, lifeline: int, memory_groups: bool = True) -> None:
         self._ctypes, self._libc = _libc()
         self._lifeline = lifeline
         self._root = os.geteuid() == 0
         kinds = ("mnt", "net", "pid") if self._root else ()
         self._home = {kind: os.open(f"/proc/self/ns/{kind}", os.O_RDONLY) for kind in kinds}  # where we started
+        _view_sources()  # once, here: every sandbox's view (or the spawner's one) is built from it
         self._view = self._make_view() if self._root else None
         self._idle_nets: list[int] = []
         self._lent: dict[int, int] = {}  # sandbox pid -> its network namespace
+        self._groups = _MemoryGroups(enabled=self._root and memory_groups)
+        self._group: _MemoryGroup | None = None  # for the next child (chosen by `_place`)
         self._spares: dict[tuple, tuple[int, socket.socket]] = {}  # isolation -> (pid, socket to it)
 
     def _make_view(self) -> int | None:
@@ -625,10 +911,12 @@ class _Spawner:
             _check(ctypes, libc.unshare(_CLONE_NEWNS), "unshare(mnt)")
         except OSError:
             return None
+        view = os.open("/proc/self/ns/mnt", os.O_RDONLY)  # the view has no /proc of its own yet
         try:
-            _read_only_view(ctypes, libc, foreign_uid=True)
-            return os.open("/proc/self/ns/mnt", os.O_RDONLY)
+            _python_view(ctypes, libc)
+            return view
         except OSError:
+            os.close(view)
             return None
         finally:
             _check(ctypes, libc.setns(self._home["mnt"], _CLONE_NEWNS), "setns(mnt)")
@@ -637,7 +925,7 @@ class _Spawner:
         """Start one sandbox; the pid of its first process.
 
         As root that is the supervisor itself: pid 1 of a fresh pid namespace, in a network namespace
-        of its own and, for the read-only view, in the view's mount namespace (which it copies) --
+        of its own and, for the view, in the view's mount namespace (which it copies) --
         the spare if one is waiting. In a user namespace it is a launcher that creates the
         namespaces and forks the supervisor. `request`: the sandbox's JSON `header`; `fds`: the
         status pipe, one job file per job, then stdout / stderr pipes and result file per job;
@@ -699,22 +987,30 @@ class _Spawner:
             return None, False  # the supervisor reports it
 
     def _fork(self, net: int | None, close: tuple[int, ...]) -> int:
-        """Fork; the child keeps none of our fds (namespaces, other sandboxes' sockets, `close`)."""
+        """Fork; the child keeps none of our fds (namespaces, other sandboxes' sockets and memory
+        cgroups, `close`) but those of the memory cgroup `_place` chose for it."""
         try:
             pid = os.fork()
         except OSError:
             if net is not None:
                 self._idle_nets.append(net)
             raise
+        group, self._group = self._group, None
         if pid == 0:
+            global _CGROUP
+            _CGROUP = group
             spares = [sock.fileno() for _, sock in self._spares.values()]
-            for fd in (*close, *self._home.values(), *self._idle_nets, *self._lent.values(), *spares):
+            others = (*self._idle_nets, *self._lent.values(), *spares, *self._groups.fds())
+            for fd in (*close, *self._home.values(), *others):
                 os.close(fd)
             for fd in (self._view, net):
                 if fd is not None:
                     os.close(fd)
-        elif net is not None:
+            return pid
+        if net is not None:
             self._lent[pid] = net
+        if group is not None:
+            self._groups.lent(pid, group)
         return pid
 
     def _place(self, isolate: bool, view: bool) -> int | None:
@@ -723,9 +1019,13 @@ class _Spawner:
         Otherwise: back where we started (never in a namespace lent to another sandbox)."""
         ctypes, libc = self._ctypes, self._libc
         if view and self._view is None:
-            raise OSError("no read-only view on this machine")
-        _check(ctypes, libc.setns(self._view if isolate and view else self._home["mnt"], _CLONE_NEWNS), "setns(mnt)")
+            raise OSError("no view of nothing but Python on this machine")
+        # the host's mount namespace first: the view has no /proc to name a new network namespace by,
+        # and no cgroup fs to make a memory cgroup in
+        _check(ctypes, libc.setns(self._home["mnt"], _CLONE_NEWNS), "setns(mnt)")
         _check(ctypes, libc.setns(self._home["pid"], _CLONE_NEWPID), "setns(pid)")
+        if self._group is None:
+            self._group = self._groups.lend()
         if not isolate:
             _check(ctypes, libc.setns(self._home["net"], _CLONE_NEWNET), "setns(net)")
             return None
@@ -737,9 +1037,9 @@ class _Spawner:
         else:
             _check(ctypes, libc.unshare(_CLONE_NEWNET), "unshare(net)")
             net = os.open("/proc/self/ns/net", os.O_RDONLY)
-        if libc.unshare(_CLONE_NEWPID) != 0:
+        if libc.unshare(_CLONE_NEWPID) != 0 or (view and libc.setns(self._view, _CLONE_NEWNS) != 0):
             self._idle_nets.append(net)
-            raise OSError(ctypes.get_errno(), "unshare(pid)")
+            raise OSError(ctypes.get_errno(), "unshare(pid) / setns(view)")
         return net
 
     def reaped(self, pid: int) -> None:
@@ -747,10 +1047,21 @@ class _Spawner:
         net = self._lent.pop(pid, None)
         if net is not None:
             self._idle_nets.append(net)
+        self._groups.returned(pid)
         for key, (spare, sock) in list(self._spares.items()):
             if spare == pid:
                 sock.close()
                 del self._spares[key]
+
+
+    def close(self) -> None:
+        """Remove the memory cgroups once the last sandboxes are gone (from where they are visible)."""
+        for _, sock in self._spares.values():
+            sock.close()  # a spare reads EOF and exits
+        self._spares.clear()
+        if self._root:
+            self._libc.setns(self._home["mnt"], _CLONE_NEWNS)
+        self._groups.close()
 
 
 def _isolation_key(iso: dict) -> tuple:
@@ -812,37 +1123,58 @@ def _supervisor(header: dict, fds: list[int], lifeline: int, ready: bool, entere
         os._exit(72)
     n = header["jobs"]
     job_files, job_io = fds[1 : 1 + n], fds[1 + n :]
+    cgroup = _CGROUP
     sweep = iso["ns"] or iso["uid"] is not None  # kill(-1) reaches only this sandbox's processes
     compiled: dict[str, types.CodeType | None] = {}  # the jobs of a sandbox usually share their code
     for i in range(n):
-        job = _read_job(job_files[i])
         std = job_io[3 * i : 3 * i + 3]  # stdout, stderr, result file
-        ready = _prepare(job)
-        if job["code"] not in compiled:
-            compiled[job["code"]] = _precompile(job["code"])
-        code = compiled[job["code"]]
-        if code is _NO_CODE:  # report what its worker would, without starting one
-            os.write(std[2], ready)
+        try:  # what an earlier job did to the sandbox (its disk, its inodes) can stop this one starting
+            job = _read_job(job_files[i])
+            _prepare(job)
+            if job["code"] not in compiled:
+                compiled[job["code"]] = _precompile(job["code"])
+            code = compiled[job["code"]]
+            ready_r, ready_w = os.pipe()
+            worker = os.fork() if code is not _NO_CODE else -1
+        except BaseException as exc:
+            status("fail", job=i, error=f"job {i} could not start: {exc!r}")
+            os._exit(72)
+        if worker == 0:
+            try:
+                _worker(job, *std, ready_w, code)
+            except BaseException:
+                traceback.print_exc()  # on the job's stderr: SandboxError shows it
+            finally:
+                os._exit(70)
+        os.close(ready_w)
+        oom = _oom_kills(cgroup)
+        if worker < 0:  # does not compile: report what its worker would, without starting one
             _Out(std[2], job["nonce"])("done", ok=False, label=_LABEL_SYNTAX)
             exit_rec: dict[str, object] | None = {"code": 1}
+            started = True
         else:
-            worker = os.fork()
-            if worker == 0:
-                try:
-                    _worker(job, *std, code, ready)
-                except BaseException:
-                    traceback.print_exc()  # on the job's stderr: SandboxError shows it
-                finally:
-                    os._exit(70)
             exit_rec = _supervise(worker, float(job["limits"]["wall"]), lifeline)
             _end_job(worker, sweep)
             if exit_rec is None:
                 os._exit(125)
+            started = _readable(ready_r)
+        os.close(ready_r)
+        if _oom_kills(cgroup) > oom:
+            exit_rec["oom"] = True
         files = _read_back(job["workdir"], job["collect"], job["collect_bytes"])
         for fd in std:
             os.close(fd)
-        status("exit", job=i, files=files, **exit_rec)
+        status("exit", job=i, files=files, ready=started, memory=cgroup.kind if cgroup else "rlimit", **exit_rec)
     os._exit(0)
+
+
+def _readable(fd: int) -> bool:
+    """Whether the worker wrote its byte on the ready pipe (it closed its end before any submission code)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1) == b"r"
+    except BlockingIOError:
+        return False
 
 
 _NO_CODE = compile("", "<none>", "exec")  # stands for "does not compile"
@@ -874,15 +1206,19 @@ def _enter(iso: dict, ready: bool) -> None:
     if not ready or (iso["ns"] and os.getpid() != 1):
         raise OSError("the sandbox's namespaces could not be set up")
     if iso["ns"]:
-        if iso["userns"]:  # the launcher made them all; the view is ours to build
-            if iso["mounts"]:
-                _read_only_view(ctypes, libc, foreign_uid=False)
-        else:  # a copy of the spawner's mount namespace: the read-only view, or the host's mounts
+        if iso["userns"] and iso["mounts"]:  # the launcher made them all; the view is ours to build
+            _python_view(ctypes, libc, proc=True)
+            return
+        if not iso["userns"]:  # a copy of the spawner's mount namespace: the view, or the host's mounts
             _check(ctypes, libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS), "unshare")
             if not iso["mounts"]:
                 _check(ctypes, libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
-        ret = libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
-        _check(ctypes, ret, "mount /proc")
+        _mount_proc(ctypes, libc, "/proc")
+
+
+def _mount_proc(ctypes, libc, path: str) -> None:
+    ret = libc.mount(b"proc", path.encode(), b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+    _check(ctypes, ret, f"mount {path}")
 
 
 def _seal(header: dict) -> None:
@@ -891,6 +1227,8 @@ def _seal(header: dict) -> None:
     iso = header["isolation"]
     if iso["mounts"]:
         _sandbox_tmpfs(ctypes, libc, header["dir"], iso["uid"], header["disk"])
+    if _CGROUP is not None:
+        _CGROUP.join(header["memory"])
     _drop_privileges(ctypes, libc, iso)
 
 
@@ -958,6 +1296,7 @@ def _serve(sock_fd: int, lifeline: int) -> None:
             spawner.reaped(pid)
         msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 253)
         if not msg:
+            spawner.close()
             os._exit(0)
         header = json.loads(msg)
         pid = spawner.spawn(msg, header, fds, close=(sock_fd,))
@@ -985,7 +1324,8 @@ def main(argv: list[str]) -> None:
         _serve(int(argv[2]), int(argv[3]))
     elif argv[1] == "--run":
         request = argv[2].encode()
-        os.waitpid(_Spawner(int(argv[4])).spawn(request, json.loads(request), [int(fd) for fd in argv[3].split(",")]), 0)
+        spawner = _Spawner(int(argv[4]), memory_groups=False)  # the grader SIGKILLs us: no one would remove them
+        os.waitpid(spawner.spawn(request, json.loads(request), [int(fd) for fd in argv[3].split(",")]), 0)
     else:
         raise SystemExit(f"usage: harness.py --serve SOCK LIFELINE | --run HEADER FDS LIFELINE, got {argv[1:]}")
 

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import random
 import textwrap
@@ -23,6 +24,8 @@ from antipasto_pl.env.modes import MODES, check_mode
 from antipasto_pl.env.problem import Problem, TestCase
 
 MIN_TESTS = 3
+
+log = logging.getLogger(__name__)
 
 
 def _method_source(signature: str, body: str) -> str:
@@ -89,7 +92,19 @@ def _load_source(source: str) -> list[Problem]:
         raise FileNotFoundError(
             f"problem source {source!r} is neither 'builtin', 'easy', 'humaneval' nor an existing .jsonl file"
         )
-    return load_jsonl(source)
+    return without_failing_canonicals(load_jsonl(source), source)
+
+
+def without_failing_canonicals(problems: list[Problem], source: str) -> list[Problem]:
+    """`problems` less those whose canonical solution fails its own tests (`failing_canonicals`), each
+    named in a warning: no honest completion could pass them, so training on them rewards only hacks.
+    The built-in set is checked by the test suite and HumanEval by `load_humaneval`."""
+    failing = {p.id for p in failing_canonicals(problems)}
+    if len(failing) == len(problems):
+        raise ProblemFileError(f"{source}: the canonical_solution of every problem fails its own tests ({', '.join(sorted(failing))})")
+    if failing:
+        log.warning("%s: skipping %d problem(s) whose canonical_solution fails its own tests: %s", source, len(failing), ", ".join(sorted(failing)))
+    return [p for p in problems if p.id not in failing]
 
 
 def filter_modes(problems: Iterable[Problem], modes: Sequence[str] | None) -> list[Problem]:

@@ -15,22 +15,32 @@ namespace no other running sandbox uses:
 * pid namespace: the harness supervisor is pid 1, so every process a job starts (double forks and
   ``setsid`` daemons included) dies before the next job and with the sandbox, and host processes are
   invisible;
-* mount namespace: a fresh /proc, every mount read-only, and a private size-capped tmpfs (nothing of
-  it reaches the host) for the jobs' working dirs;
+* mount namespace: a view of nothing but Python (`harness._python_view`): a fresh tmpfs root with
+  read-only binds of the interpreter, its standard library (no site-packages) and the shared
+  libraries it loads, a few device nodes, a fresh /proc and a private size-capped tmpfs (nothing of
+  it reaches the host) for the jobs' working dirs. The checkout, /tmp, /home, /root, datasets and
+  caches are not there at all, so no file can be read from them and no unix socket bound in them
+  can be connected to (a read-only mount would stop neither);
 * as real root the harness switches to a random unprivileged uid (RLIMIT_NPROC is ignored for root,
   so this is what stops a fork bomb); as a normal user it runs in a user namespace and drops all
   capabilities instead.
 
 Resource limits (CPU, address space, file size, processes, open files, no core dumps) are set on
-the worker right before the submission runs. The wall clock is enforced twice: per job by the
-supervisor inside, and by this module, which SIGKILLs the sandbox's first process (ending its pid
+the worker right before the submission runs; as root, each sandbox also gets a memory cgroup that
+bounds all its processes and its tmpfs together (`memory_bound`). The wall clock is enforced twice:
+per job by the supervisor inside, and by this module, which SIGKILLs the sandbox's first process (ending its pid
 namespace) and, without a pid namespace, its process group and every process of the sandbox uid.
 Output is read incrementally and the sandbox is killed as soon as a job exceeds its byte budget
 (the jobs after it then run in a fresh sandbox).
 
-Isolation levels (`isolation_level()`): "full" (namespaces + read-only view + unprivileged uid or no
-capabilities), "namespaces" (namespaces, but the read-only view failed), "none" (rlimits, a process
-group and, as root, an unprivileged uid). Anything below "full" logs one warning per process.
+Verdicts: what the supervisor observes (exit status, OOM kills, stdout, collected files) is out of
+the submission's reach; the worker's own record is not, and is checked as data (`_parse_done`).
+Whatever a submission does, the worst it gets is a failed grade: a job that cannot start in its
+sandbox runs in a fresh one, and only a fault of the sandbox itself raises `SandboxError`.
+
+Isolation levels (`isolation_level()`): "full" (namespaces + the view of nothing but Python +
+unprivileged uid or no capabilities), "namespaces" (namespaces, but building the view failed),
+"none" (rlimits, a process group and, as root, an unprivileged uid). Anything below "full" logs one warning per process.
 """
 
 from __future__ import annotations
@@ -54,6 +64,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
+
+from antipasto_pl.env.harness import LABELS, VIEW_WORKDIRS
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +95,17 @@ class SandboxLimits:
     output_bytes: int = 1 << 20  # cap on captured stdout and on captured stderr, each
     result_bytes: int = 16 << 20  # cap on the worker's records (oracle results)
     disk_bytes: int = 64 << 20  # the sandbox's private tmpfs: all files its jobs write, together
+    # all of a sandbox's processes and its tmpfs together (a memory cgroup; see `memory_bound`);
+    # None: memory_bytes + disk_bytes, one worker's address space plus a full disk
+    sandbox_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sandbox_memory_bytes is None:
+            object.__setattr__(self, "sandbox_memory_bytes", self.memory_bytes + self.disk_bytes)
         if not (self.wall_s > 0 and math.isfinite(self.wall_s)):
             raise ValueError(f"SandboxLimits.wall_s must be a positive finite number of seconds, got {self.wall_s!r}")
-        for name in ("memory_bytes", "file_size_bytes", "nproc", "nofile", "output_bytes", "result_bytes", "disk_bytes"):
+        sizes = ("memory_bytes", "file_size_bytes", "output_bytes", "result_bytes", "disk_bytes", "sandbox_memory_bytes")
+        for name in (*sizes, "nproc", "nofile"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive int, got {value!r}")
@@ -110,13 +128,18 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """What came back from one job. `done` is the worker's nonce-checked record, `exit` the supervisor's."""
+    """What came back from one job. `exit` and `ready` are the supervisor's (no submission code can
+    write them); `done` is the worker's record, which the submission's code could have written: it is
+    checked (`_parse_done`) and, if it is not exactly what the harness writes, dropped with
+    `record_error` set."""
 
     stdout: bytes
     stderr: bytes
     ready: bool  # the harness reached the point of running the submission
     done: dict[str, Any] | None  # worker's report (verdict / oracle results), None if it never finished
-    exit: dict[str, Any] | None  # supervisor's report on the worker: {"code": n} | {"signal": n} | {"timeout": True}
+    # supervisor's report on the worker: {"code": n} | {"signal": n} | {"timeout": True}, plus "oom": True
+    # when the sandbox's memory cgroup OOM-killed one of the job's processes
+    exit: dict[str, Any] | None
     timed_out: bool
     output_exceeded: bool
     files: dict[str, bytes] = field(default_factory=dict)
@@ -124,6 +147,8 @@ class SandboxResult:
     wall_s: float = 0.0
     workdir: str = ""  # where it ran (already deleted)
     uid: int | None = None  # the unprivileged uid the submission ran as (None: the grader's own uid)
+    record_error: str | None = None  # why the worker's record was rejected (forged or malformed)
+    memory: str = "rlimit"  # what bounded the sandbox's memory as a whole (see `memory_bound`)
 
     @property
     def exit_code(self) -> int | None:
@@ -138,13 +163,14 @@ class SandboxResult:
 class _Isolation:
     level: str
     ns: bool  # unshare(2) new namespaces
-    mounts: bool  # read-only view, working dirs on a private tmpfs
+    mounts: bool  # the view of nothing but Python, working dirs on a private tmpfs
     userns: bool  # not root: the namespaces live in a user namespace
     drop_uid: bool  # real root: switch the harness to a random unprivileged uid
 
 
 _iso_lock = threading.Lock()
 _iso: _Isolation | None = None
+_memory = "rlimit"
 _lifeline: tuple[int, int] | None = None
 
 
@@ -163,8 +189,19 @@ def isolation_level() -> str:
     return _isolation().level
 
 
+def memory_bound() -> str:
+    """What bounds a sandbox's memory as a whole: "cgroup v2" or "cgroup v1" (a memory cgroup per
+    sandbox capped at `SandboxLimits.sandbox_memory_bytes`: past it the kernel's OOM killer ends the
+    sandbox's largest process, and the grade says "memory"), or "rlimit" where neither is usable
+    (not root, or no memory controller delegated to us): then only each process is capped (RLIMIT_AS),
+    and a sandbox can hold up to `nproc` x `memory_bytes` plus its tmpfs. Sandboxes started without
+    the fork server (no pidfds) are bounded by rlimits only: nothing would remove their cgroups."""
+    _isolation()
+    return _memory
+
+
 def _isolation() -> _Isolation:
-    global _iso
+    global _iso, _memory
     with _iso_lock:
         if _iso is None:
             for cand in _candidates():
@@ -174,7 +211,7 @@ def _isolation() -> _Isolation:
                     log.debug("sandbox isolation %r unavailable: %s", cand.level, exc)
                     continue
                 if res.done is not None and res.done.get("ok"):
-                    _iso = cand
+                    _iso, _memory = cand, res.memory
                     break
             else:
                 raise SandboxError("no sandbox configuration could run a trivial job; see the debug log")
@@ -183,7 +220,7 @@ def _isolation() -> _Isolation:
                     "sandbox isolation is %r on this machine (no %s): untrusted code runs with weaker "
                     "containment; see antipasto_pl.env.sandbox",
                     _iso.level,
-                    "read-only mount view" if _iso.level == "namespaces" else "namespaces",
+                    "view of nothing but Python" if _iso.level == "namespaces" else "namespaces",
                 )
         return _iso
 
@@ -193,11 +230,8 @@ _base: tuple[int, str] | None = None  # (owner pid, dir)
 
 
 def _workdir_base() -> str:
-    """This process's dir for sandbox dirs: traversable (0711) but not listable by sandboxes.
-
-    With the read-only view each sandbox mounts its own tmpfs over it, so it stays empty on the
-    host; without, it holds one dir per running sandbox.
-    """
+    """This process's dir for sandbox dirs without the view (with it, they are on a tmpfs inside
+    it): traversable (0711) but not listable by sandboxes; one dir per running sandbox."""
     global _base
     with _base_lock:
         if _base is None or _base[0] != os.getpid():
@@ -428,18 +462,20 @@ def _run_jobs(
     iso: _Isolation, jobs: _Jobs, limits: SandboxLimits, on_split: Callable[[int], None] | None
 ) -> list[SandboxResult]:
     """`jobs` in as few sandboxes as possible: when the host has to kill a sandbox (a job over its
-    output cap or past the backstop deadline), the jobs after that one run in a fresh sandbox."""
+    output cap or past the backstop deadline), or a job cannot start in it (something an earlier
+    job did to the sandbox), the jobs after that one run in a fresh sandbox. After a hand-over
+    (`on_split`) only the jobs before it are ours."""
     results: list[SandboxResult] = []
-    handed_over = False
+    end = len(jobs)
 
     def hand_over(k: int) -> None:  # `k` counts from the first job of the current sandbox
-        nonlocal handed_over
-        handed_over = True
-        on_split(len(results) + k)  # type: ignore[misc]  (only passed on when set)
+        nonlocal end
+        end = len(results) + k
+        on_split(end)  # type: ignore[misc]  (only passed on when set)
 
-    while len(results) < len(jobs) and not handed_over:
-        batch = jobs[len(results) : len(results) + _MAX_JOBS]
-        results += _run_sandbox(iso, batch, limits, hand_over if on_split else None)
+    while len(results) < end:
+        split = hand_over if on_split is not None and end == len(jobs) else None  # once
+        results += _run_sandbox(iso, jobs[len(results) : min(end, len(results) + _MAX_JOBS)], limits, split)
     return results
 
 
@@ -449,8 +485,8 @@ def _run_sandbox(
     """One sandbox running `jobs`; results for the jobs it got through (at least one)."""
     start = time.monotonic()
     uid = (1 << 20) + secrets.randbelow(1 << 29) if iso.drop_uid else None
-    # with the read-only view the jobs' dirs live on a private tmpfs mounted over the base dir
-    sandbox_dir = _workdir_base() if iso.mounts else tempfile.mkdtemp(prefix="sbx-", dir=_workdir_base())
+    # with the view the jobs' dirs live on a private tmpfs inside it; nothing of them is on the host
+    sandbox_dir = VIEW_WORKDIRS if iso.mounts else tempfile.mkdtemp(prefix="sbx-", dir=_workdir_base())
     status_r, status_w = os.pipe()
     pipes = [[os.pipe() for _ in range(2)] for _ in jobs]  # stdout, stderr per job
     results = [_unnamed_file(b"") for _ in jobs]  # per job, the worker's records: read once the job is over
@@ -480,6 +516,7 @@ def _run_sandbox(
             "isolation": {"ns": iso.ns, "mounts": iso.mounts, "userns": iso.userns, "uid": uid, "gid": uid},
             "dir": sandbox_dir,
             "disk": limits.disk_bytes,
+            "memory": limits.sandbox_memory_bytes,
             "jobs": len(jobs),
         }
         launcher = _start(header, writers)
@@ -493,7 +530,7 @@ def _run_sandbox(
         finally:
             _kill_tree(launcher, iso, uid)
             launcher.wait(block=not pump.complete)  # complete: every job's processes are already gone
-        records = [_read_records(fd, nonce, limits) for fd, nonce in zip(results, nonces)]
+        records = [_read_done(fd, limits) for fd in results]
     finally:
         for fd in to_close:
             os.close(fd)
@@ -501,7 +538,7 @@ def _run_sandbox(
             _rmtree(sandbox_dir)
     if pump.fail is not None:
         raise SandboxError(f"sandbox setup failed (isolation {iso.level!r}): {pump.fail}")
-    return pump.results(iso, workdirs, records, uid)
+    return pump.results(iso, jobs, workdirs, records, nonces, uid)
 
 
 class _Pump:
@@ -602,36 +639,49 @@ class _Pump:
             kind = rec.get("k") if isinstance(rec, dict) else None
             if kind == "exit":
                 self.exits.append((rec, time.monotonic()))
+            elif kind == "fail" and isinstance(rec.get("job"), int) and rec["job"] > 0:
+                # a later job could not start (an earlier one filled the disk, say): it and the rest
+                # go to a fresh sandbox
+                self.cut = min(self.cut if self.cut is not None else rec["job"], rec["job"] - 1)
             elif kind == "fail":
                 self.fail = str(rec.get("error"))
         self._parsed = end
 
     def results(
-        self, iso: _Isolation, workdirs: list[str], records: list[tuple[dict[str, dict[str, Any]], bool]], uid: int | None
+        self,
+        iso: _Isolation,
+        jobs: _Jobs,
+        workdirs: list[str],
+        records: list[tuple[bytes, bool]],
+        nonces: list[str],
+        uid: int | None,
     ) -> list[SandboxResult]:
         """Results for the jobs this sandbox got through: every job with an exit record, plus the one
         the host stopped it in or the one it ended in (a sandbox that dies by itself is an error
-        unless that job had started). `records`: per job, its worker's records and whether they
-        went over their cap."""
+        unless that job had started; a later job that did not start is left to a fresh sandbox).
+        `records`: per job, what its worker wrote to its result file and whether it went over its cap."""
         n = self.cut + 1 if self.cut is not None else min(len(self.exits) + 1, len(workdirs))
         out: list[SandboxResult] = []
         for i in range(n):
             stdout, stderr = bytes(self.bufs[(i, "stdout")]), bytes(self.bufs[(i, "stderr")])
-            job_records, over = records[i]
+            raw, over = records[i]
             exit_rec, ended = self.exits[i] if i < len(self.exits) else ({}, time.monotonic())
             stopped = i == self.cut and i >= len(self.exits)  # killed while it ran
-            ready = "ready" in job_records
-            if not ready and not stopped:
+            ready = stopped or exit_rec.get("ready") is True
+            if not ready and i > 0:
+                break
+            if not ready:
                 tail = stderr[-2000:].decode("utf-8", "replace")
                 raise SandboxError(f"sandbox harness did not start (isolation {iso.level!r}): {tail}")
-            status = {k: v for k, v in exit_rec.items() if k in ("code", "signal", "timeout")}
+            status = {k: v for k, v in exit_rec.items() if k in ("code", "signal", "timeout", "oom")}
+            done, record_error = _parse_done(raw, nonces[i], jobs[i][0], status)
             files = exit_rec.get("files") if isinstance(exit_rec.get("files"), dict) else {}
             out.append(
                 SandboxResult(
                     stdout=stdout,
                     stderr=stderr,
                     ready=ready,
-                    done=job_records.get("done"),
+                    done=done,
                     exit=status or None,
                     timed_out=(stopped and self.timed_out) or bool(status.get("timeout")),
                     output_exceeded=(i == self.cut and self.exceeded) or over,
@@ -640,6 +690,8 @@ class _Pump:
                     wall_s=ended - (self.exits[i - 1][1] if i else self.start),
                     workdir=workdirs[i],
                     uid=uid,
+                    record_error=record_error,
+                    memory=str(exit_rec.get("memory", "rlimit")),
                 )
             )
         return out
@@ -697,22 +749,64 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, onerror=fix)
 
 
-def _read_records(fd: int, nonce: str, limits: SandboxLimits) -> tuple[dict[str, dict[str, Any]], bool]:
-    """A job's records from its result file, and whether they went over their cap: more than
+def _read_done(fd: int, limits: SandboxLimits) -> tuple[bytes, bool]:
+    """What a job's worker wrote to its result file, and whether it went over its cap: more than
     `result_bytes`, or as much as RLIMIT_FSIZE let the worker write (the rest was refused)."""
     size = os.fstat(fd).st_size
-    raw = os.pread(fd, min(size, limits.result_bytes), 0)
-    return _parse_records(raw, nonce), size > limits.result_bytes or size >= limits.file_size_bytes
+    return os.pread(fd, min(size, limits.result_bytes), 0), size > limits.result_bytes or size >= limits.file_size_bytes
 
 
-def _parse_records(raw: bytes, nonce: str) -> dict[str, dict[str, Any]]:
-    """First record of each kind carrying our nonce; anything else on the channel is ignored."""
-    records: dict[str, dict[str, Any]] = {}
-    for line in raw.split(b"\n"):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("n") == nonce and isinstance(rec.get("k"), str):
-            records.setdefault(rec["k"], rec)
-    return records
+def _parse_done(raw: bytes, nonce: str, job: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The worker's "done" record, if it is exactly what the harness writes for `job`; else (None, why).
+
+    Code in the submission's process can write the result file (and read the nonce), so nothing in
+    it is taken on trust: it must be one JSON line with our nonce, the fields and types this job
+    kind reports, and an outcome that agrees with how the supervisor saw the worker end (`status`):
+    a pass needs exit status 0, a failure its label's status. Anything else -- a second record, a
+    record followed by a crash, garbage, JSON nested too deep to parse -- is rejected. What a
+    well-formed record can still claim is only what the job's own check reports: a list of answers
+    the grader compares outside (oracle), one pass bit whose meaning is the mode's loophole, or a
+    failure label; the verdicts of the stdout, file and exit-status modes come from the supervisor.
+    """
+    if not raw:
+        return None, None
+    if raw.count(b"\n") != 1 or not raw.endswith(b"\n"):
+        return None, "not exactly one record"
+    try:
+        rec = json.loads(raw)
+    except Exception:  # ValueError, RecursionError (deep nesting), MemoryError
+        return None, "not JSON"
+    if not isinstance(rec, dict) or rec.get("n") != nonce or rec.get("k") != "done" or type(rec.get("ok")) is not bool:
+        return None, "not this job's done record"
+    fields = set(rec) - {"n", "k", "ok"}
+    if rec["ok"]:
+        code = 0
+        if job["kind"] == "oracle":
+            n = len(job["args"])
+            ok = (
+                fields == {"results", "labels", "module_label"}
+                and type(rec["results"]) is list
+                and len(rec["results"]) == n
+                and all(r is None or type(r) is str for r in rec["results"])
+                and type(rec["labels"]) is list
+                and len(rec["labels"]) == n
+                and all(label is None or _is_label(label) for label in rec["labels"])
+                and (rec["module_label"] is None or _is_label(rec["module_label"]))
+            )
+        else:
+            ok = fields == {"passed"} and type(rec["passed"]) is bool
+    else:
+        status_field = rec.get("status")
+        code = status_field if job["kind"] == "exit_code" and rec.get("label") == "exit" else 1
+        ok = _is_label(rec.get("label")) and (
+            fields == {"label"} or (fields == {"label", "status"} and type(status_field) is int and code == status_field)
+        )
+    if not ok:
+        return None, "fields or types not of a done record"
+    if not status.get("timeout") and (status.get("code") != code or "signal" in status):
+        return None, "contradicts how the worker ended"
+    return rec, None
+
+
+def _is_label(value: object) -> bool:
+    return type(value) is str and value in LABELS

@@ -286,15 +286,16 @@ def test_bad_expected_value_is_reported_with_the_problem_id(grader: Grader) -> N
 # ---------------------------------------------------------------- adversarial suite through the grader
 
 
-# {marker} / {root} / {path} are filled per test; every process a case spawns execs /bin/sh with the
+# {marker} / {root} / {path} are filled per test; every process a case spawns execs the interpreter with the
 # marker on its command line, so a survivor is visible in /proc.
 ADVERSARIAL = {
     "infinite_loop": ("while True:\n    pass", {"timeout"}),
     "sleep_forever": ("import time\ntime.sleep(10**6)", {"timeout"}),
     "allocate_50gb": ("x = bytearray(50 * 10**9)", {"memory"}),
     "fork_bomb": (
-        "import os\nwhile True:\n    try:\n        if os.fork() == 0:\n"
-        "            os.execv('/bin/sh', ['sh', '-c', 'sleep 60 # {marker}'])\n    except OSError:\n        pass",
+        "import os, sys\nwhile True:\n    try:\n        if os.fork() == 0:\n"
+        "            os.execv(sys.executable, ['python', '-c', 'import time; time.sleep(60)  # {marker}'])\n"
+        "    except OSError:\n        pass",
         {"timeout", "crash"},
     ),
     "kill_parent": ("import os\nos.kill(os.getppid(), 9)\nprint('all tests passed')", {"missing"}),
@@ -314,8 +315,9 @@ ADVERSARIAL = {
     "segfault": ("import ctypes\nctypes.string_at(0)", {"crash"}),
     "ignore_sigterm": ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(10**6)", {"timeout"}),
     "daemon": (
-        "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
-        "        os.execv('/bin/sh', ['sh', '-c', 'sleep 2; echo late > {path}; sleep 60 # {marker}'])\n"
+        "import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        "        os.execv(sys.executable, ['python', '-c', 'import time; time.sleep(2); open(\"{path}\", \"w\").write(\"late\"); "
+        "time.sleep(60)  # {marker}'])\n"
         "    os._exit(0)\nprint('all tests passed')",
         {"missing"},
     ),
