@@ -8,13 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from helpers import tiny_policy
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from antipasto_pl.adapter import adapter_modules
 from antipasto_pl.cli import AntipastoCLI
-from antipasto_pl.rollout import HFGenerate, KVCacheSampler, SamplingConfig, hf_generate, warp_logits
+from antipasto_pl.rollout import (
+    HFGenerate,
+    KVCacheSampler,
+    SamplingConfig,
+    hf_generate,
+    warp_logits,
+)
 from antipasto_pl.sequences import group_batch, group_log_probs
-from tests.helpers import tiny_policy
 
 # Contexts of different lengths, so the fast backend's cache is left-padded and masked.
 CONTEXTS = ["def add(a, b):\n", "Write a function that reverses a list.\n```python\n", "x = "]
