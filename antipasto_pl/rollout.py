@@ -238,6 +238,8 @@ class KVCacheSampler:
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, contexts: Sequence[str],
                  num_samples: int, config: SamplingConfig) -> list[list[Completion]]:
+        if not contexts:
+            return []
         if not shares_prompt_cache(model):
             model_type = getattr(model.config, "model_type", type(model).__name__)
             if model_type not in self._fallback_logged:

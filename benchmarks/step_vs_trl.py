@@ -16,8 +16,8 @@ draws), one prompt per step, G=8 completions of 64 new tokens, rewarded by this 
   recompute activations; `--trl-gradient-checkpointing` turns TRL's default back on), no eval, logging
   or saving. Steps timed by a TrainerCallback (on_step_begin / on_step_end).
 
-Fairness: both samples are forced to exactly 64 tokens (`min_new_tokens`; `--natural-length` turns that
-off), since a step's cost depends on how long its completions are. This trainer skips the backward of a group
+Fairness: both samples are forced to exactly 64 tokens (this trainer: `sampling.ignore_eos`; TRL:
+`min_new_tokens`; `--natural-length` turns that off), since a step's cost depends on how long its completions are. This trainer skips the backward of a group
 whose rewards do not vary (no gradient), which TRL never does; with 64-token completions most rewards are 0
 (the code block is cut off), so by default such groups get a tiny zero-mean advantage and run their
 backward like TRL (`--natural-advantages` measures the trainer as it is instead, and the table says how many
@@ -60,7 +60,7 @@ TARGET = 0.7
 
 def run_antipasto(args: argparse.Namespace, steps: int) -> dict:
     module = make_module(group_size=args.group_size, mix_ratio=0.0, max_new_tokens=args.max_new_tokens,
-                         min_new_tokens=None if args.natural_length else args.max_new_tokens,
+                         ignore_eos=not args.natural_length,
                          micro_batch_size=args.micro_batch_size)
     timer = StepTimer()
     timer.wrap_pieces(module)
