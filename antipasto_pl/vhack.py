@@ -96,7 +96,7 @@ def pair_gradients(
     *,
     length_norm: LengthNorm = "mean",
     max_completion_tokens: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
     progress: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Gradient of each completion's NLL (given its prompt) on every adapter's ``delta_s``, per completion:

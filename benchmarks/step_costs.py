@@ -374,7 +374,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measured steps per step-timing part")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--extraction-repeats", type=int, default=1)
-    parser.add_argument("--extraction-batch", type=int, default=16, help="completions per backward, batched")
+    parser.add_argument("--extraction-batch", type=int, default=8, help="completions per backward, batched")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--mix-ratio", type=float, default=0.5)
     parser.add_argument("--prompts-per-step", type=int, default=2)
