@@ -29,8 +29,9 @@ from transformers import PreTrainedTokenizerBase
 
 from antipasto_pl.adapter import adapter_metadata, adapter_modules, quarantine_ablated, row_delta_probes
 from antipasto_pl.env.pairs import Pair
+from antipasto_pl.grpo import target_log_probs
 from antipasto_pl.models import cache_root
-from antipasto_pl.sequences import CompletionBatch, completion_log_probs, encode_completions
+from antipasto_pl.sequences import CompletionBatch, encode_completions
 from antipasto_pl.vhack_math import apply_noise_floor, hack_basis_from_pair_grads, random_basis, shuffle_pair_labels
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,16 @@ Metadata = dict[str, str | int | float | None]
 
 
 def completion_loss(model: nn.Module, batch: CompletionBatch, length_norm: LengthNorm) -> Tensor:
-    """Teacher-forced NLL of each row's completion tokens, summed (`sum`) or averaged per token (`mean`): (B,)."""
-    mask = batch.completion_mask[:, 1:].to(torch.float32)  # (B, T-1), aligned with the log-probs
-    nll = -(completion_log_probs(model, batch) * mask).sum(-1)
+    """Teacher-forced NLL of each row's completion tokens, summed (`sum`) or averaged per token (`mean`): (B,).
+
+    Logits are computed from the earliest position that scores a completion token on (``logits_to_keep``),
+    not over the prompts, which would cost the vocabulary projection and its softmax for nothing."""
+    start = max(int(batch.completion_mask.argmax(-1).min()) - 1, 0)  # position whose logits score token start+1
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=batch.input_ids.shape[1] - start).logits  # (B, T-start, V)
+    log_probs = target_log_probs(logits[:, :-1], batch.input_ids[:, start + 1:])  # (B, T-start-1)
+    mask = batch.completion_mask[:, start + 1:].to(torch.float32)  # (B, T-start-1), aligned with log_probs
+    nll = -(log_probs * mask).sum(-1)
     if length_norm == "sum":
         return nll
     if length_norm == "mean":

@@ -9,20 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_policy
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from antipasto_pl.adapter import adapter_modules
 from antipasto_pl.cli import AntipastoCLI
-from antipasto_pl.rollout import (
-    HFGenerate,
-    KVCacheSampler,
-    SamplingConfig,
-    hf_generate,
-    warp_logits,
-)
+from antipasto_pl.rollout import HFGenerate, KVCacheSampler, SamplingConfig, hf_generate, warp_logits
 from antipasto_pl.sequences import group_batch, group_log_probs
 
 # Contexts of different lengths, so the fast backend's cache is left-padded and masked.
