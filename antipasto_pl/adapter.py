@@ -104,6 +104,7 @@ class SVDAdapter(nn.Module):
         self.mode = FULL
         self.merged_forward = merged_forward
         self.sampling = False  # set by merged_weights(): sample on the merged weight in any precision
+        self.row_probe: Tensor | None = None  # set by row_delta_probes(): (B, r), zero, its grad per row
         self._merged: Tensor | None = None
         self._merged_key: tuple = ()
         self._merged_sources: tuple[Tensor, ...] = ()  # held so that the ids in the key stay unique
@@ -123,7 +124,10 @@ class SVDAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., d_in) -> (..., d_out) = U diag(delta) Vh x
         coords = nn.functional.linear(x, self.Vh.to(x.dtype))
-        return nn.functional.linear(coords * self.effective_delta().to(x.dtype), self.U.to(x.dtype))
+        delta = self.effective_delta()  # (r,)
+        if self.row_probe is not None:  # (B, r) -> (B, 1, ..., r): row b's tokens see delta + probe[b]
+            delta = delta + self.row_probe.reshape(x.shape[0], *[1] * (x.dim() - 2), -1)
+        return nn.functional.linear(coords * delta.to(x.dtype), self.U.to(x.dtype))
 
     def merge_into(self, weight: Tensor) -> Tensor:
         """``W + U diag(delta) Vh`` for the current mode, computed in at least float32, in W's dtype."""
@@ -157,7 +161,9 @@ def _identity(t: Tensor) -> tuple:
 
 class _MergedLinear(torch.autograd.Function):
     """``y = W_eff x + b`` on a precomputed ``W_eff = W + U diag(delta) Vh``, differentiable in ``x`` and
-    ``delta``: backward gives ``dx = W_eff^T dy`` and ``d delta = sum_t (Vh x_t) * (U^T dy_t)``."""
+    ``delta``: backward gives ``dx = W_eff^T dy`` and ``d delta = sum_t (Vh x_t) * (U^T dy_t)``. Given a (B, r)
+    ``delta`` (a row probe, zero: ``W_eff`` already holds the vectors) the sum runs over each row's own tokens
+    only, so one backward yields every row's gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, delta: Tensor, merged: Tensor, bias: Tensor | None, u: Tensor, vh: Tensor) -> Tensor:
@@ -165,6 +171,7 @@ class _MergedLinear(torch.autograd.Function):
         coords = nn.functional.linear(x, vh.to(x.dtype))  # (..., r)
         ctx.save_for_backward(coords, merged, u)
         ctx.delta_dtype = delta.dtype
+        ctx.delta_rows = delta.shape[0] if delta.dim() == 2 else None
         return nn.functional.linear(x, merged, bias)
 
     @staticmethod
@@ -176,10 +183,19 @@ class _MergedLinear(torch.autograd.Function):
         grad_delta = grad_bias = None
         if ctx.needs_input_grad[1]:
             back = grad_out @ u.to(grad_out.dtype)  # (..., r): U^T dy
-            grad_delta = (coords.float() * back.float()).reshape(-1, coords.shape[-1]).sum(0).to(ctx.delta_dtype)
+            grad_delta = _delta_grad(coords, back, ctx.delta_rows).to(ctx.delta_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_delta, None, grad_bias, None, None
+
+
+def _delta_grad(coords: Tensor, back: Tensor, rows: int | None) -> Tensor:
+    """``sum_t (Vh x_t) * (U^T dy_t)`` over all tokens (rows None: (r,)) or over each of ``rows`` rows: (rows, r)."""
+    # coords, back: (..., r) with the leading dimension the rows when rows is given
+    products = coords.float() * back.float()
+    if rows is None:
+        return products.reshape(-1, products.shape[-1]).sum(0)
+    return products.reshape(rows, -1, products.shape[-1]).sum(1)
 
 
 class SVDLinear(nn.Linear):
@@ -197,7 +213,8 @@ class SVDLinear(nn.Linear):
             merged = adapter.merged_weight(self.weight)
             if not torch.is_grad_enabled():
                 return nn.functional.linear(x, merged, self.bias)
-            return _MergedLinear.apply(x, adapter.effective_delta(), merged, self.bias, adapter.U, adapter.Vh)
+            delta = adapter.effective_delta() if adapter.row_probe is None else adapter.row_probe
+            return _MergedLinear.apply(x, delta, merged, self.bias, adapter.U, adapter.Vh)
         return nn.functional.linear(x, self.weight, self.bias) + adapter(x)
 
 
@@ -317,6 +334,26 @@ def _adapter_mode(model: nn.Module, mode: str) -> Iterator[None]:
     finally:
         for a, m in zip(adapters, previous):
             a.mode = m
+
+
+@contextlib.contextmanager
+def row_delta_probes(model: nn.Module, rows: int) -> Iterator[dict[str, Tensor]]:
+    """Per-example gradients on ``delta_s`` from one backward: every adapter gets a zero (rows, r) probe added
+    to its vector for the tokens of each batch row, so ``d loss / d probe[b]`` is row b's gradient on the
+    vector (``delta_s`` and ``delta_s + delta_s_hack`` have the same gradient). Forward values are unchanged.
+    Yields module name -> probe; batch rows must be the first dimension of every adapted layer's input."""
+    adapters = adapter_modules(model)
+    probes = {
+        name: torch.zeros(rows, a.rank, dtype=a.delta_s.dtype, device=a.delta_s.device, requires_grad=True)
+        for name, a in adapters.items()
+    }
+    try:
+        for name, a in adapters.items():
+            a.row_probe = probes[name]
+        yield probes
+    finally:
+        for a in adapters.values():
+            a.row_probe = None
 
 
 def reference_policy(model: nn.Module) -> contextlib.AbstractContextManager[None]:

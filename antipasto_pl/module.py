@@ -53,7 +53,7 @@ from antipasto_pl.env.problem import Problem
 from antipasto_pl.grpo import Reduction, group_advantages, grpo_loss
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
-from antipasto_pl.rollout import SamplingConfig, hf_generate
+from antipasto_pl.rollout import KVCacheSampler, Sampler, SamplingConfig
 from antipasto_pl.seeds import run_seed
 from antipasto_pl.sequences import (
     GroupBatch,
@@ -126,6 +126,8 @@ class AntipastoModule(L.LightningModule):
         policy: which causal LM to load (see ``PolicyConfig``).
         adapter: which Linear layers get SVD adapters (see ``AdapterConfig``).
         sampling: how student completions are sampled (on merged weights).
+        sampler: the sampling backend for training, evaluation and prediction (``class_path`` + ``init_args``;
+            see ``rollout``); None: ``KVCacheSampler``.
         projection: the arm's gradient policy: intervention, subspace kind, gate, ... (see
             ``ProjectionConfig``); ``intervention: none`` still logs every diagnostic.
         refresh_every: re-extract V every N optimizer steps (None: V stays fixed).
@@ -168,6 +170,7 @@ class AntipastoModule(L.LightningModule):
         policy: PolicyConfig = PolicyConfig(),
         adapter: AdapterConfig = AdapterConfig(),
         sampling: SamplingConfig = SamplingConfig(),
+        sampler: Sampler | None = None,
         projection: ProjectionConfig = ProjectionConfig(),
         refresh_every: int | None = None,
         deploy_eval_every: int | None = None,
@@ -197,7 +200,8 @@ class AntipastoModule(L.LightningModule):
             raise ValueError(f"need group_size >= 2 and 0 <= mix_ratio <= 1, got {group_size} and {mix_ratio}")
         if ppo_epochs < 1 or micro_batch_size < 1:
             raise ValueError(f"ppo_epochs and micro_batch_size must be >= 1, got {ppo_epochs}, {micro_batch_size}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["sampler"])
+        self.sampler: Sampler = sampler if sampler is not None else KVCacheSampler()
         self.automatic_optimization = False
         # Base weights are rebuilt, not restored: checkpoints hold adapter keys only.
         self.strict_loading = False
@@ -302,7 +306,7 @@ class AntipastoModule(L.LightningModule):
             ]
             groups.append(group)
         if self.n_student:
-            student = hf_generate(self.model, self.tokenizer, self.contexts(problems), self.n_student, self.sampling)
+            student = self.sampler(self.model, self.tokenizer, self.contexts(problems), self.n_student, self.sampling)
             for group, completions in zip(groups, student):
                 group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
         return groups
@@ -562,7 +566,7 @@ class AntipastoModule(L.LightningModule):
         prefill + completion: (problem, completion, grade) in problem order."""
         ablation = quarantine_ablated(self.model) if ablate_quarantine else contextlib.nullcontext()
         with self.forked_rng(), ablation:
-            samples = hf_generate(self.model, self.tokenizer, self.contexts(problems), n, self.sampling)
+            samples = self.sampler(self.model, self.tokenizer, self.contexts(problems), n, self.sampling)
         items = [(p, c.text) for p, completions in zip(problems, samples) for c in completions]
         grades = self.grader.grade_batch([(p, self.prefill(p) + text) for p, text in items])
         return [(p, text, grade) for (p, text), grade in zip(items, grades)]

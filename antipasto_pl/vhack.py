@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from antipasto_pl.adapter import adapter_metadata, adapter_modules, quarantine_ablated
+from antipasto_pl.adapter import adapter_metadata, adapter_modules, quarantine_ablated, row_delta_probes
 from antipasto_pl.env.pairs import Pair
+from antipasto_pl.grpo import target_log_probs
 from antipasto_pl.models import cache_root
-from antipasto_pl.sequences import CompletionBatch, completion_log_probs, encode_completions
+from antipasto_pl.sequences import CompletionBatch, encode_completions
 from antipasto_pl.vhack_math import apply_noise_floor, hack_basis_from_pair_grads, random_basis, shuffle_pair_labels
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,16 @@ Metadata = dict[str, str | int | float | None]
 
 
 def completion_loss(model: nn.Module, batch: CompletionBatch, length_norm: LengthNorm) -> Tensor:
-    """Teacher-forced NLL of each row's completion tokens, summed (`sum`) or averaged per token (`mean`): (B,)."""
-    mask = batch.completion_mask[:, 1:].to(torch.float32)  # (B, T-1), aligned with the log-probs
-    nll = -(completion_log_probs(model, batch) * mask).sum(-1)
+    """Teacher-forced NLL of each row's completion tokens, summed (`sum`) or averaged per token (`mean`): (B,).
+
+    Logits are computed from the earliest position that scores a completion token on (``logits_to_keep``),
+    not over the prompts, which would cost the vocabulary projection and its softmax for nothing."""
+    start = max(int(batch.completion_mask.argmax(-1).min()) - 1, 0)  # position whose logits score token start+1
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=batch.input_ids.shape[1] - start).logits  # (B, T-start, V)
+    log_probs = target_log_probs(logits[:, :-1], batch.input_ids[:, start + 1:])  # (B, T-start-1)
+    mask = batch.completion_mask[:, start + 1:].to(torch.float32)  # (B, T-start-1), aligned with log_probs
+    nll = -(log_probs * mask).sum(-1)
     if length_norm == "sum":
         return nll
     if length_norm == "mean":
@@ -96,15 +104,18 @@ def pair_gradients(
     *,
     length_norm: LengthNorm = "mean",
     prefills: Sequence[str] | None = None,
+    batch_size: int = 8,
     progress: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Gradient of each completion's NLL (given its prompt) on every adapter's ``delta_s``, one completion at a
-    time: ``g_a[name][j]`` belongs to ``completions_a[j]`` alone, ``g_b`` likewise.
+    """Gradient of each completion's NLL (given its prompt) on every adapter's ``delta_s``, per completion:
+    ``g_a[name][j]`` belongs to ``completions_a[j]`` alone, ``g_b`` likewise.
 
-    Each completion gets its own forward and its own backward (``torch.autograd.grad``, which returns the
-    gradient instead of accumulating it into ``.grad``), so gradients are isolated by construction: no padding
-    is shared, nothing leaks between completions, and existing ``.grad`` tensors (e.g. of a training step in
-    progress) are left as they were. ``requires_grad`` flags and train/eval modes are restored on return.
+    ``batch_size`` completions share one forward and one backward: each row gets its own zero probe on every
+    adapter's vector (``adapter.row_delta_probes``), whose gradient is that row's gradient alone (right padding is
+    masked and comes after the row's tokens, so it reaches no scored position). Rows are taken in order of
+    length, so a batch pads little. ``torch.autograd.grad`` returns gradients instead of accumulating them, so
+    existing ``.grad`` tensors (e.g. of a training step in progress) are left as they were; ``requires_grad``
+    flags and train/eval modes are restored on return.
 
     ``prefills`` (one per prompt) open the assistant turns: the completions continue them, as in training.
     ``length_norm`` should match the live loss's reduction (``MATCHING_LENGTH_NORM``: ``dr_grpo`` -> ``sum``,
@@ -123,21 +134,27 @@ def pair_gradients(
             f"need one completion of each side per prompt and at least one prompt, got {n} prompts, "
             f"{len(completions_a)} and {len(completions_b)} completions"
         )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
+    prefills = list(prefills) if prefills is not None else [""] * n
+    rows = [(prompts[j], prefills[j], completions[j]) for completions in (completions_a, completions_b)
+            for j in range(n)]
+    batch = encode_completions(tokenizer, [p for p, _, _ in rows], [c for _, _, c in rows], [f for _, f, _ in rows])
+    order = batch.attention_mask.sum(-1).argsort(descending=True, stable=True).tolist()
+    grads: dict[str, Tensor] = {}
     with _gradient_probe(model) as params:
-        inputs = list(params.values())
-        rows: dict[str, dict[str, list[Tensor]]] = {side: {name: [] for name in params} for side in "ab"}
-        for j in tqdm(range(n), desc="pair gradients", unit="pair", disable=not progress):
-            for side, completions in (("a", completions_a), ("b", completions_b)):
-                prefill = [prefills[j]] if prefills is not None else None
-                batch = encode_completions(tokenizer, [prompts[j]], [completions[j]], prefill)
-                loss = completion_loss(model, batch.to(device), length_norm)[0]
-                grads = torch.autograd.grad(loss, inputs, materialize_grads=True)
-                for name, grad in zip(params, grads):
-                    rows[side][name].append(grad.detach().float())  # (r,)
-    g_a = {name: torch.stack(r) for name, r in rows["a"].items()}  # (n, r)
-    g_b = {name: torch.stack(r) for name, r in rows["b"].items()}  # (n, r)
-    return g_a, g_b
+        for start in tqdm(range(0, len(rows), batch_size), desc="pair gradients", unit="batch", disable=not progress):
+            chunk = order[start:start + batch_size]
+            width = int(batch.attention_mask[chunk].sum(-1).max())
+            sub = CompletionBatch(*(t[chunk, :width].to(device) for t in
+                                    (batch.input_ids, batch.attention_mask, batch.completion_mask)))
+            with row_delta_probes(model, len(chunk)) as probes:
+                loss = completion_loss(model, sub, length_norm).sum()
+                rows_grads = torch.autograd.grad(loss, list(probes.values()), materialize_grads=True)
+            for name, grad in zip(params, rows_grads):
+                grads.setdefault(name, torch.zeros(len(rows), grad.shape[-1], device=device))[chunk] = grad.float()
+    return {name: g[:n] for name, g in grads.items()}, {name: g[n:] for name, g in grads.items()}
 
 
 # --- identities -----------------------------------------------------------------------------------------------

@@ -99,14 +99,14 @@ class ForceActive:
 
 
 def make_module(group_size: int, mix_ratio: float, max_new_tokens: int, micro_batch_size: int = 8,
-                intervention: str = "none", min_new_tokens: int | None = None,
+                intervention: str = "none", ignore_eos: bool = False,
                 cls: type[AntipastoModule] = AntipastoModule) -> AntipastoModule:
     """``AntipastoModule`` on SmolLM2 configured like configs/cpu.yaml (full rank, lr 1e-2), with the given sizes
-    and a random k=4 V (no extraction first); the model is built now (``configure_model``) so the caller can
-    adjust it before fitting."""
+    and a random k=4 V (no extraction first); ``ignore_eos``: every completion is ``max_new_tokens`` long. The
+    model is built now (``configure_model``) so the caller can adjust it before fitting."""
     module = cls(
         policy=PolicyConfig(name=SMOLLM2, dtype="float32"),
-        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0),
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, ignore_eos=ignore_eos),
         projection=ProjectionConfig(intervention=intervention, subspace="random", k=4),
         group_size=group_size,
         mix_ratio=mix_ratio,
@@ -116,8 +116,6 @@ def make_module(group_size: int, mix_ratio: float, max_new_tokens: int, micro_ba
         eval_samples_per_prompt=1,
     )
     module.configure_model()
-    if min_new_tokens is not None:
-        module.model.generation_config.min_new_tokens = min_new_tokens
     return module
 
 

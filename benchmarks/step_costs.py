@@ -21,9 +21,12 @@ diagnostics  the student/teacher gradient split (`GradParts`) against the same r
              module scores every row in shared micro-batches and clones once (unsplit; the teacher part is
              then zero). step with split = measured step - unsplit backward; step without = measured step -
              split backward. Target: with/without <= 1.1. The clone + subtract alone is timed separately.
-extraction   `extract_hack_subspace` on SmolLM2 (full rank) with the 24 pairs configs/cpu.yaml extracts from
-             (pair_problems 2 x variants_per_mode 2 x 6 modes, `AntipastoDataModule.detector_pairs`), k=4,
-             length_norm sum (the one matching dr_grpo), wall time.
+extraction   the pair gradients V is extracted from (`vhack.pair_gradients`) on SmolLM2 (full rank) with the 24
+             pairs configs/cpu.yaml extracts from (pair_problems 2 x variants_per_mode 2 x 6 modes,
+             `AntipastoDataModule.detector_pairs`), length_norm sum (the one matching dr_grpo): batched
+             (`--extraction-batch` completions per backward, per-row probes) against one completion per
+             forward and backward (batch 1), interleaved; target batch-1 / batched >= 3, and the largest
+             difference between the two, relative to the norm of a completion's gradient on all modules.
 memory       peak RSS of one training step (forward + backward of 8 rows, then an AdamW step) in a fresh
              subprocess per variant: the base model fine-tuned in full (gradients on every weight), the wrapped
              model at full rank, the wrapped model with r_max=64. Reported: RSS once loaded (weights, plus U/Vh
@@ -246,24 +249,40 @@ def part_diagnostics(args: argparse.Namespace) -> None:
 
 def part_extraction(args: argparse.Namespace) -> None:
     from antipasto_pl.models import PolicyConfig, load_policy
-    from antipasto_pl.vhack import ExtractionSettings, extract_hack_subspace
+    from antipasto_pl.sequences import completion_token_ids
+    from antipasto_pl.vhack import pair_gradients
 
     data = make_data(args.prompts_per_step, use_pool=False)
     data.setup("fit")
-    pairs = data.detector_pairs("real")
-    print(f"\n== extraction: extract_hack_subspace on SmolLM2, {len(pairs)} pairs ({len({p.mode for p in pairs})} "
-          f"modes), k=4, length_norm sum, completions <= {args.max_new_tokens} tokens ==")
     model, tokenizer = load_policy(PolicyConfig(name=SMOLLM2))
     wrap_model(model, AdapterConfig())
-    settings = ExtractionSettings(k=4, kind="real", length_norm="sum")
-    times = []
-    for _ in range(args.extraction_repeats):
-        start = time.perf_counter()
-        subspace = extract_hack_subspace(model, tokenizer, pairs, settings, progress=False)
-        times.append(time.perf_counter() - start)
-    rows = [["extract_hack_subspace", fmt_s(times), f"{median(times) / (2 * len(pairs)) * 1e3:.0f} ms",
-             len(subspace.modules)]]
-    print(table(rows, ["", "wall time", "per completion (fwd+bwd)", "modules with V"]))
+    # The pairs a run with this completion budget extracts from (longer ones are left out, never cut).
+    fits = lambda text: len(completion_token_ids(tokenizer, text)) <= args.max_new_tokens  # noqa: E731
+    pairs = [p for p in data.detector_pairs("real") if fits(p.hack) and fits(p.clean)]
+    print(f"\n== extraction: pair_gradients on SmolLM2, {len(pairs)} pairs ({len({p.mode for p in pairs})} modes), "
+          f"length_norm sum, completions <= {args.max_new_tokens} tokens, batch {args.extraction_batch} vs 1, "
+          f"{args.extraction_repeats} interleaved repeats ==")
+    texts = [p.prompt for p in pairs], [p.hack for p in pairs], [p.clean for p in pairs]
+    prefills = [p.prefill for p in pairs]
+    times: dict[int, list[float]] = {1: [], args.extraction_batch: []}
+    grads = {}
+    for i in range(args.extraction_repeats):
+        for size in (list(times) if i % 2 == 0 else list(reversed(times))):
+            start = time.perf_counter()
+            grads[size] = pair_gradients(model, tokenizer, *texts, length_norm="sum", prefills=prefills,
+                                         batch_size=size)
+            times[size].append(time.perf_counter() - start)
+    # Each completion's gradient on all modules: (n, sum of ranks) per side.
+    one_row, batched_row = ([torch.cat(list(grads[size][side].values()), dim=-1) for side in (0, 1)]
+                            for size in (1, args.extraction_batch))
+    worst = max(float(torch.linalg.vector_norm(b - a, dim=-1).div(torch.linalg.vector_norm(a, dim=-1)).max())
+                for a, b in zip(one_row, batched_row))
+    one, batched = median(times[1]), median(times[args.extraction_batch])
+    rows = [[f"batch {size}" + (" (per completion)" if size == 1 else ""), fmt_s(values),
+             f"{median(values) / (2 * len(pairs)) * 1e3:.0f} ms"] for size, values in times.items()]
+    print(table(rows, ["pair_gradients", "wall time", "per completion"]))
+    print(f"\nspeed-up per-completion / batched = {one / batched:.2f} ({verdict(one / batched, 3.0, True)}); "
+          f"largest difference {worst:.2e} of a completion's gradient norm")
     del model
     gc.collect()
 
@@ -359,6 +378,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measured steps per step-timing part")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--extraction-repeats", type=int, default=1)
+    parser.add_argument("--extraction-batch", type=int, default=8, help="completions per backward, batched")
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--mix-ratio", type=float, default=0.5)
     parser.add_argument("--prompts-per-step", type=int, default=2)

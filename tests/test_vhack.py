@@ -119,6 +119,32 @@ def test_pair_gradients_are_isolated_and_leave_the_model_as_it_was(policy):
         torch.testing.assert_close(g_a_sum[name], g_a[name] * n_tokens, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,merged_forward", [("tiny-llama", True), ("tiny-llama", False), ("tiny-qwen3_5", True)])
+def test_batched_pair_gradients_equal_per_completion_gradients(name: str, merged_forward: bool) -> None:
+    """Rows of different lengths in batches of 3 (one backward each) give each completion's own gradient, as a
+    plain backward of that completion alone does (within 1e-5 of the norm of its gradient on all modules;
+    per module, a near-zero gradient is mostly rounding), on the merged-weight Function and on
+    the additive path, for attention and GatedDeltaNet layers, with both vectors non-zero."""
+    model, tokenizer = tiny_policy(name, merged_forward=merged_forward)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for adapter in adapter_modules(model).values():
+            adapter.delta_s.copy_(torch.randn(adapter.rank, generator=generator) * 0.3)
+            adapter.delta_s_hack.copy_(torch.randn(adapter.rank, generator=generator) * 0.3)
+    prompts = ["Task: add two numbers", "Task: reverse a string", "Task: x", "Task: sort it please"]
+    side_a = ["return a + b", "return s[::-1]  # slicing", "ok", "return sorted(xs)"]
+    side_b = ["return a - b + 2 * b", "return ''.join(reversed(s))", "fine, done", "xs.sort()\nreturn xs"]
+    g_a, g_b = pair_gradients(model, tokenizer, prompts, side_a, side_b, length_norm="sum", batch_size=3)
+    for grads, completions in ((g_a, side_a), (g_b, side_b)):
+        for j, (prompt, completion) in enumerate(zip(prompts, completions)):
+            model.zero_grad(set_to_none=True)
+            completion_nll(model, encode_completions(tokenizer, [prompt], [completion])).sum().backward()
+            n_tokens = len(tokenizer(completion)["input_ids"]) + 1  # + EOS; sum = mean x tokens
+            expected = torch.cat([a.delta_s.grad * n_tokens for a in adapter_modules(model).values()])
+            got = torch.cat([grads[module][j] for module in adapter_modules(model)])
+            assert torch.linalg.vector_norm(got - expected) <= 1e-5 * torch.linalg.vector_norm(expected)
+
+
 def test_planted_marker_direction_is_recovered_and_points_hackward(policy, pairs, real):
     """The hack behaviour is planted in the data: every hack is its own clean completion plus a fixed marker,
     so with `sum` length normalisation the shared text cancels exactly in D = g_hack - g_clean, and what the

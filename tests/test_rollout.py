@@ -1,0 +1,147 @@
+"""Sampler backends: the fast decode loop against the ``hf_generate`` reference, its log-probs against the
+trainer's own scoring, determinism, stop strings, and the fallback for caches that are not keys and values."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_policy
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from antipasto_pl.adapter import adapter_modules
+from antipasto_pl.cli import AntipastoCLI
+from antipasto_pl.rollout import HFGenerate, KVCacheSampler, SamplingConfig, hf_generate, warp_logits
+from antipasto_pl.sequences import group_batch, group_log_probs
+
+# Contexts of different lengths, so the fast backend's cache is left-padded and masked.
+CONTEXTS = ["def add(a, b):\n", "Write a function that reverses a list.\n```python\n", "x = "]
+KV_MODELS = ["tiny-llama", "tiny-qwen3"]
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+
+
+def moved_policy(name: str):
+    """A wrapped tiny model whose adapter is not zero, so sampling runs on merged weights that differ from W."""
+    model, tokenizer = tiny_policy(name)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter in adapter_modules(model).values():
+            adapter.delta_s.copy_(torch.randn(adapter.rank, generator=generator) * 0.5)
+    return model, tokenizer
+
+
+def ids(groups) -> list[list[tuple[int, ...]]]:
+    return [[c.token_ids for c in group] for group in groups]
+
+
+@pytest.mark.parametrize("name", KV_MODELS)
+def test_greedy_decoding_gives_the_tokens_and_log_probs_of_hf_generate(name: str) -> None:
+    model, tokenizer = moved_policy(name)
+    config = SamplingConfig(max_new_tokens=20, temperature=0)
+    reference = hf_generate(model, tokenizer, CONTEXTS, 2, config)
+    fast = KVCacheSampler()(model, tokenizer, CONTEXTS, 2, config)
+    assert ids(fast) == ids(reference)
+    for ref_group, fast_group in zip(reference, fast):
+        for ref, got in zip(ref_group, fast_group):
+            assert got.text == ref.text
+            torch.testing.assert_close(torch.tensor(got.log_probs), torch.tensor(ref.log_probs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", KV_MODELS)
+def test_sampled_log_probs_match_the_trainers_scoring(name: str) -> None:
+    """At temperature 1 and top_p 1 the sampled distribution is the policy: the log-probs the sampler reports
+    for its tokens are those the loss computes (``group_log_probs``, the trainer's scoring path)."""
+    model, tokenizer = moved_policy(name)
+    torch.manual_seed(0)
+    groups = KVCacheSampler()(model, tokenizer, CONTEXTS, 3, SamplingConfig(max_new_tokens=16))
+    for context, group in zip(CONTEXTS, groups):
+        batch = group_batch(tokenizer(context, add_special_tokens=False)["input_ids"],
+                            [c.token_ids for c in group], tokenizer.pad_token_id)
+        with torch.no_grad():
+            scored = group_log_probs(model, batch)
+        for row, completion in enumerate(group):
+            assert len(completion.log_probs) == len(completion.token_ids) > 0
+            torch.testing.assert_close(torch.tensor(completion.log_probs), scored[row, : len(completion.token_ids)],
+                                       atol=1e-4, rtol=0)
+
+
+def test_warped_logits_are_hfs_temperature_then_top_p() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 0.05)):
+        expected = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+        assert torch.equal(warp_logits(logits, temperature, top_p), expected)
+
+
+@pytest.mark.parametrize("sampler", [KVCacheSampler(), HFGenerate()], ids=["kv_cache", "hf_generate"])
+def test_the_same_seed_gives_the_same_samples(sampler) -> None:
+    model, tokenizer = moved_policy("tiny-llama")
+    config = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95)
+
+    def draw(seed: int):
+        torch.manual_seed(seed)
+        return sampler(model, tokenizer, CONTEXTS, 2, config)
+
+    first = draw(0)
+    assert draw(0) == first
+    assert ids(draw(1)) != ids(first)
+
+
+@pytest.mark.parametrize("name", KV_MODELS)
+def test_stop_strings_end_rows_where_the_text_completes_them(name: str) -> None:
+    """A stop spanning two tokens (the text of two consecutive tokens of one row's greedy completion, neither
+    holding it alone): that row ends right after it, keeps it, and the other rows are unchanged, in both
+    backends (the fast one drops the stopped row from its batch mid-rollout)."""
+    model, tokenizer = moved_policy(name)
+    config = SamplingConfig(max_new_tokens=24, temperature=0)
+    free = hf_generate(model, tokenizer, CONTEXTS, 1, config)
+    row = free[1][0].token_ids
+    stop = next(text for k in range(6, len(row) - 2) if "\ufffd" not in (text := tokenizer.decode(row[k:k + 2]))
+                and all(text not in tokenizer.decode(row[j:j + 1]) for j in (k, k + 1)))
+    stopped = SamplingConfig(max_new_tokens=24, temperature=0, stop=[stop])
+    for sampler in (hf_generate, KVCacheSampler()):
+        groups = sampler(model, tokenizer, CONTEXTS, 1, stopped)
+        for free_group, group in zip(free, groups):
+            completion, full = group[0], free_group[0]
+            end = full.text.find(stop)
+            expected = full.text if end < 0 else full.text[: end + len(stop)]
+            assert completion.text == expected
+            assert completion.token_ids == full.token_ids[: len(completion.token_ids)]
+            assert len(completion.log_probs) == len(completion.token_ids)
+        assert groups[1][0].text.endswith(stop)
+
+
+def test_ignore_eos_gives_full_length_rows() -> None:
+    model, tokenizer = moved_policy("tiny-llama")
+    config = SamplingConfig(max_new_tokens=12, ignore_eos=True)
+    for sampler in (hf_generate, KVCacheSampler()):
+        torch.manual_seed(0)
+        rows = [c for group in sampler(model, tokenizer, CONTEXTS, 4, config) for c in group]
+        assert all(len(c.token_ids) == 12 and tokenizer.eos_token_id not in c.token_ids for c in rows)
+
+
+def test_linear_attention_falls_back_to_hf_generate(caplog: pytest.LogCaptureFixture) -> None:
+    """Qwen3.5's GatedDeltaNet state is no key/value cache: the fast backend says so once and samples what
+    hf_generate samples."""
+    model, tokenizer = moved_policy("tiny-qwen3_5")
+    config = SamplingConfig(max_new_tokens=10)
+    sampler = KVCacheSampler()
+    with caplog.at_level(logging.INFO, logger="antipasto_pl.rollout"):
+        torch.manual_seed(0)
+        got = sampler(model, tokenizer, CONTEXTS, 2, config)
+        sampler(model, tokenizer, CONTEXTS, 1, config)
+    assert [r.getMessage() for r in caplog.records if "hf_generate instead" in r.getMessage()] == [
+        "KVCacheSampler: qwen3_5_text caches more than plain keys and values (e.g. a linear-attention state); "
+        "sampling it with hf_generate instead"
+    ]
+    torch.manual_seed(0)
+    assert got == hf_generate(model, tokenizer, CONTEXTS, 2, config)
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+def test_the_sampler_is_chosen_in_the_config() -> None:
+    default = AntipastoCLI(args=["--config", SMOKE], run=False)
+    assert isinstance(default.model.sampler, KVCacheSampler)
+    chosen = AntipastoCLI(args=["--config", SMOKE, "--model.sampler", "antipasto_pl.rollout.HFGenerate"], run=False)
+    assert isinstance(chosen.model.sampler, HFGenerate)
