@@ -114,6 +114,7 @@ def write_eval(trainer: L.Trainer, report: dict, key: str = "final") -> Path:
     """Merge `report` under `key` into ``<default_root_dir>/eval.json`` (rank 0; written atomically)."""
     path = Path(trainer.default_root_dir) / EVAL_FILE
     if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[key] = report
         tmp = path.with_name(f".{path.name}.tmp")

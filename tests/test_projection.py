@@ -142,8 +142,8 @@ def test_student_and_teacher_gradients_sum_to_the_full_gradient(tmp_path, learni
     """Checked at every optimizer step: with moving weights, a prompt pass (or its retained graph) leaking from one
     step into the next would show; with two PPO epochs and a KL term at lr 0 (rollout policy = policy = reference, so
     the ratio is 1 and the KL gradient 0), frozen log-probs handed to the wrong chunk would."""
-    module = AntipastoModule(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8), max_completion_tokens=640,
-                             group_size=4, mix_ratio=0.5, micro_batch_size=3, log_completions_every=0,
+    module = AntipastoModule(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8),
+                             max_completion_tokens=640, group_size=4, mix_ratio=0.5, micro_batch_size=3, log_completions_every=0,
                              projection=ProjectionConfig(k=1), learning_rate=learning_rate, ppo_epochs=ppo_epochs,
                              beta=beta)
     data = AntipastoDataModule(prompts_per_step=2, pool_per_prompt=2, pair_problems=1, variants_per_mode=1,
