@@ -180,6 +180,10 @@ def test_dry_run_prints_the_matrix_and_starts_nothing(tmp_path: Path, capsys: py
     printed = capsys.readouterr().out
     assert "vanilla-s0" in printed and "erase-s0" in printed and "new" in printed and "--seed_everything=0" in printed
     assert not any(tmp_path.iterdir())
+    experiment(tmp_path, "--arms=[vanilla]", "--seeds=[0]", "--probe=true", "--dry_run=true")
+    probe = capsys.readouterr().out  # demonstrations only (hacks against stubs), the probe every step, no sampling
+    assert all(f"--{o}" in probe for o in ("model.mix_ratio=1.0", "model.probe_every=1", "model.heldout.samples=0",
+                                           "data.pool_stub_frac=0.5"))
 
 
 # --- report and notebook on synthetic logs ---------------------------------------------------------------------
