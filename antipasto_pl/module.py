@@ -466,7 +466,6 @@ class AntipastoModule(L.LightningModule):
         lap("generate")
         self.grade_groups(groups)
         lap("grade_wait")
-        self.log("train/sandbox_errors", float(sum(s.grade.error == "sandbox" for g in groups for s in g.samples)), reduce_fx="sum", batch_size=1)
         self.last_groups = groups
         chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
         # Both sources at once, so the frozen policies run each group's prompt once.
@@ -485,6 +484,8 @@ class AntipastoModule(L.LightningModule):
         # After the step: in the first step of a fit, Lightning drops what training_step logged before the
         # optimizer hooks logged theirs.
         self.log_rates(groups)
+        sandbox_errors = sum(s.grade.error == "sandbox" for g in groups for s in g.samples)
+        self.log("train/sandbox_errors", float(sandbox_errors), reduce_fx="sum", batch_size=1)
         for key, value in self._loss_stats.items():
             self.log(f"train/{key}", value, batch_size=len(batch))
         self.log("train/loss", loss, batch_size=len(batch))
