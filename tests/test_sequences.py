@@ -182,9 +182,8 @@ def test_each_group_runs_its_prompt_once_per_pass(tmp_path) -> None:
     training pass runs each active group's prompt forward once (and each frozen policy once), the completion
     forwards once per chunk, and no prompt state (nor its graph) outlives its pass."""
     L.seed_everything(0)
-    # Teacher records up to 300 byte-level tokens: every completion forward is shorter than any prompt (> 400).
     module = CountPromptPasses(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8),
-                               max_completion_tokens=300,
+                               max_completion_tokens=640,
                                group_size=4, mix_ratio=0.5, micro_batch_size=1, log_completions_every=0,
                                projection=ProjectionConfig(k=1), learning_rate=1e-2, ppo_epochs=2, beta=0.1)
     data = AntipastoDataModule(prompts_per_step=2, pool_per_prompt=2, pair_problems=1, variants_per_mode=1,
@@ -194,10 +193,13 @@ def test_each_group_runs_its_prompt_once_per_pass(tmp_path) -> None:
     trainer.fit(module, data)
     assert [p["kind"] for p in module.passes] == ["frozen", "train", "train"] * 2
     for p in module.passes:
-        assert p["prompt_lengths"] and min(p["prompt_lengths"]) > 300  # longer than any completion forward
-        prompts = sorted(s[1] for s in p["shapes"] if s[1] > 300)
-        completions = [s for s in p["shapes"] if s[1] <= 300]
-        assert all(s[0] == 1 for s in p["shapes"] if s[1] > 300)
+        # Teacher records are whole (up to 640 byte-level tokens), so a forward is told by its length: a prompt's
+        # is one of the pass's prompt lengths (no completion in this seeded run has one of those lengths).
+        assert p["prompt_lengths"]
+        is_prompt = [s[1] in p["prompt_lengths"] for s in p["shapes"]]
+        prompts = sorted(s[1] for s, prompt in zip(p["shapes"], is_prompt) if prompt)
+        completions = [s for s, prompt in zip(p["shapes"], is_prompt) if not prompt]
+        assert all(s[0] == 1 for s, prompt in zip(p["shapes"], is_prompt) if prompt)
         per_policy = 2 if p["kind"] == "frozen" else 1  # rollout policy (PPO ratio) and reference (KL)
         assert prompts == sorted(p["prompt_lengths"] * per_policy), p
         assert len(completions) == per_policy * p["scored_chunks"] and p["scored_chunks"] > len(p["prompt_lengths"]), p

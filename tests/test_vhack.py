@@ -340,7 +340,7 @@ def test_extract_vhack_subcommand_writes_a_loadable_file(tmp_path, capsys):
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run")},
-        "model": {"policy": {"name": "tiny-llama"}, "sampling": {"max_new_tokens": 32}},
+        "model": {"policy": {"name": "tiny-llama"}, "sampling": {"max_new_tokens": 32}, "max_completion_tokens": 640},
         "data": {"problems": "builtin", "known_modes": ["run_tests"], "pair_problems": 1, "variants_per_mode": 2,
                  "prompts_per_step": 1, "use_pool": False},
     }
