@@ -73,12 +73,19 @@ def test_the_oracle_cannot_be_answered_from_the_tests_on_disk(grader: Grader, pr
 
 
 @needs_view
+def _on_the_way_to_python(directory: str) -> bool:
+    """Whether the view must show `directory` to reach the interpreter (e.g. /tmp, for a venv in /tmp)."""
+    prefixes = {sys.prefix, sys.base_prefix, os.path.realpath(sys.executable)}
+    return any(p == directory or p.startswith(directory.rstrip("/") + "/") for p in prefixes)
+
+
 def test_the_sandbox_sees_nothing_but_python(grader: Grader, problems) -> None:
     home = os.path.expanduser("~")
+    listed_dirs = [home, "/root"] + (["/tmp"] if _on_the_way_to_python("/tmp") else [])
     with tempfile.NamedTemporaryFile(prefix="antipasto-secret-") as secret:
         paths = [
             secret.name,
-            "/tmp",
+            *([] if _on_the_way_to_python("/tmp") else ["/tmp"]),
             os.path.dirname(antipasto_pl.__file__),
             os.path.join(sysconfig.get_paths()["purelib"], "torch"),
             os.getcwd(),
@@ -90,15 +97,17 @@ def test_the_sandbox_sees_nothing_but_python(grader: Grader, problems) -> None:
             "import os, sys\n"
             f"for path in {paths!r}:\n"
             "    if os.path.exists(path): print('visible', path)\n"
-            f"for path in {[home, '/root']!r}:\n"
+            f"for path in {listed_dirs!r}:\n"
             "    if os.path.isdir(path): print('listing', path, *os.listdir(path))\n"
             "import json, collections, decimal, sqlite3\n"  # the standard library (C modules too) works
             "print('all tests passed')\n"
         )
         (grade,) = grader.grade_batch([(problems[0], as_completion(code), "stdout_marker")])
     assert "visible" not in grade.stdout_tail, grade.stdout_tail
-    # $HOME and /root hold nothing but the way to the interpreter (pyenv keeps it under /root)
-    python = {part for p in (sys.executable, os.path.realpath(sys.executable), os.__file__) for part in p.split("/")}
+    # $HOME and /root (and /tmp, for a venv there) hold nothing but the way to the interpreter (pyenv keeps it
+    # under /root)
+    python = {part for p in (sys.executable, os.path.realpath(sys.executable), os.__file__, sys.prefix)
+              for part in p.split("/")}
     listed = [line.split()[2:] for line in grade.stdout_tail.splitlines() if line.startswith("listing")]
     assert all(set(names) <= python for names in listed), grade.stdout_tail
     assert grade.passed, grade.stdout_tail
@@ -300,7 +309,9 @@ def test_the_user_namespace_path_builds_the_same_view(problems) -> None:
     jobs = [({"kind": "script", "code": code}, ()), ({"kind": "script", "code": "print('next')"}, ())]
     first, second = sandbox._run_jobs(iso, jobs, SandboxLimits(wall_s=5.0), None)
     as_root = sandbox.run_code(code, SandboxLimits(wall_s=5.0))  # the spawner's view
-    assert first.stdout == as_root.stdout and first.stdout.endswith(b" False False\n"), (first.stdout, as_root.stdout)
+    tmp = str(_on_the_way_to_python("/tmp")).encode()  # /tmp only as the way to a venv's interpreter
+    assert first.stdout == as_root.stdout and first.stdout.endswith(b" False " + tmp + b"\n"), (first.stdout,
+                                                                                                 as_root.stdout)
     assert second.stdout == b"next\n"
 
 
