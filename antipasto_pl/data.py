@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from antipasto_pl.env.pairs import Pair, PairStyle, make_pairs, nonhack_pairs, stub_pairs
-from antipasto_pl.env.pool import FORMAT_VERSION, MANIFEST, TeacherPool, build_pool
+from antipasto_pl.env.pool import FORMAT_VERSION, MANIFEST, PoolRecord, TeacherPool, build_pool
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.problems import assign_modes, filter_modes, load_problems, problem_set_hash, split_problems
 from antipasto_pl.seeds import run_seed
@@ -294,7 +294,7 @@ class AntipastoDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() before asking for the teacher pool")
         return self._pool
 
-    def restrict_pool(self, keep: Any) -> list:
+    def restrict_pool(self, keep: Callable[[PoolRecord], bool]) -> list[PoolRecord]:
         """Serve only the pool records `keep` accepts (the module drops those over its completion budget); returns
         the dropped records."""
         if self._pool is None:

@@ -245,13 +245,13 @@ class AntipastoModule(L.LightningModule):
         """Serve only the teacher records within the completion budget (the tokenizer exists from here on)."""
         if not self.n_teacher:
             return
-        pool = self.trainer.datamodule
-        dropped = pool.restrict_pool(lambda record: self.fits_budget(record.completion))
+        datamodule = self.trainer.datamodule
+        dropped = datamodule.restrict_pool(lambda record: self.fits_budget(record.completion))
         self.over_budget["pool"] = len(dropped)
         if dropped:
             log.warning("teacher pool: %d records over the %d-token completion budget are not served (what is "
                         "trained must be what was graded)", len(dropped), self.max_completion_tokens)
-        if not len(pool.pool):
+        if not len(datamodule.pool):
             raise ValueError(f"every teacher record is over the {self.max_completion_tokens}-token completion "
                              "budget: raise model.max_completion_tokens or set model.mix_ratio: 0")
 
