@@ -103,6 +103,11 @@ class ExactResume(Callback):
             self._previous_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)
                                        if signal.getsignal(s) is not signal.SIG_IGN}
 
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that ended the last fit early (None if it ran its course)."""
+        return self._stop_signal
+
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self._stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -174,3 +179,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def _tuples(value: Any) -> Any:
     """``random.setstate`` wants nested tuples; a serialisation round trip may hand back lists."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def stop_signal(trainer: Trainer) -> int | None:
+    """The signal that stopped this trainer's last fit early, if an ``ExactResume`` recorded one."""
+    return next((c.stop_signal for c in trainer.callbacks if isinstance(c, ExactResume) and c.stop_signal), None)

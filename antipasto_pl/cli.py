@@ -155,7 +155,12 @@ def _main(args: list[str]) -> None:
         return
     for path in _config_paths(args):
         check_config_file(path)
-    AntipastoCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv, and does not warn
+    cli = AntipastoCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv, and does not warn
+    from antipasto_pl.checkpointing import stop_signal
+
+    signum = stop_signal(cli.trainer)
+    if signum is not None:  # stopped early, checkpoint written: not a finished run (`antipasto experiment` resumes it)
+        raise SystemExit(128 + signum)
 
 
 def _config_paths(args: list[str]) -> list[str]:

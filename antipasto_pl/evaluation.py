@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from antipasto_pl.adapter import quarantine_ablated
+from antipasto_pl.checkpointing import stop_signal
 from antipasto_pl.env.grader import Grade
 from antipasto_pl.env.pairs import Pair, make_pairs
 from antipasto_pl.env.problem import Problem
@@ -150,7 +151,8 @@ class HeldOutEvaluation(Callback):
             self._evaluate(trainer, pl_module, "untrained")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._evaluate(trainer, pl_module, "final")
+        if stop_signal(trainer) is None:  # an interrupted fit is not the end of training: resuming finishes it
+            self._evaluate(trainer, pl_module, "final")
 
 
 def sequence_log_probs(

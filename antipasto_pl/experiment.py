@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -253,11 +254,16 @@ def experiment_command(
     for spec, run_dir, state in zip(runs, dirs, states):
         bar.set_postfix_str(f"{spec.name} ({state}) | done {counts['done']} skipped {counts['skipped']} "
                             f"failed {len(failed)}")
+        code = 0 if state == "done" else launch(spec, run_dir, state)
         if state == "done":
             counts["skipped"] += 1
-        elif launch(spec, run_dir, state) == 0:
+        elif code == 0:
             counts["done"] += 1
             bar.write(f"{spec.name}: finished ({'resumed' if state == 'resume' else 'new'})")
+        elif code - 128 in (signal.SIGINT, signal.SIGTERM):  # the fit stopped at a checkpoint: so does the matrix
+            bar.close()
+            raise SystemExit(f"{spec.name}: stopped by {signal.Signals(code - 128).name} at its last checkpoint; "
+                             "rerun the command to resume the experiment")
         else:
             failed.append((spec.name, run_dir / LOG_FILE))
             bar.write(f"{spec.name}: FAILED, see {run_dir / LOG_FILE}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 from antipasto_pl.adapter import adapter_modules, quarantine_ablated
 from antipasto_pl.checkpointing import AtomicCheckpointIO, CorruptCheckpointError
 from antipasto_pl.cli import AntipastoCLI, main
+from antipasto_pl.evaluation import EVAL_FILE
 from antipasto_pl.export import ADAPTER_FILE, MERGED_DIR, export_command, load_trained_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,10 +163,11 @@ def test_resume_audit(tmp_path: Path, case: Case) -> None:
     metrics_a, metrics_b = logged(straight), logged(split)
     batches = case.steps // (2 if "--model.ppo_epochs=2" in case.overlay else 1)
     assert sorted(metrics_a["train/loss"]) == list(range(batches)) and "proj/leak" in metrics_a
-    # The first run's end also evaluated its final policy (deployed view, held-out evaluation).
+    # The first run's end also evaluated its final policy (deployed view; the held-out evaluation unless a signal
+    # stopped it).
     for tag in [t for t in metrics_b if t in ("hack_deploy", "solve_deploy") or t.startswith("test/")]:
         if stopped_at not in metrics_a.get(tag, {}):
-            del metrics_b[tag][stopped_at]
+            metrics_b[tag].pop(stopped_at, None)
     assert metrics_a == metrics_b
     versions = sorted((split / "lightning_logs").iterdir())
     resumed = EventAccumulator(str(versions[-1]))
@@ -179,8 +182,9 @@ def test_seeded_runs_are_identical(tmp_path: Path) -> None:
     assert len(first["train/loss"]) == 2 and first == second
 
 
-def kill_after_a_checkpoint(args: list[str], root: Path) -> None:
-    """Start a real `antipasto fit`, SIGKILL it (whole process group) just after its first checkpoint appears."""
+def kill_after_a_checkpoint(args: list[str], root: Path, signum: int = signal.SIGKILL) -> int:
+    """Start a real `antipasto fit` and signal it just after its first checkpoint appears (SIGKILL: the whole
+    process group; another signal: the fit's process alone, as `kill PID` would). Returns its exit status."""
     root.mkdir(parents=True, exist_ok=True)
     log = (root / "first.log").open("w")
     proc = subprocess.Popen(ANTIPASTO + args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -190,9 +194,28 @@ def kill_after_a_checkpoint(args: list[str], root: Path) -> None:
         time.sleep(0.05)
     time.sleep(0.3)  # into the next step (keeping only the newest, ModelCheckpoint may replace step 2's file)
     alive = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    if signum == signal.SIGKILL:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    code = proc.wait(timeout=240)
     assert alive and last.exists(), (root / "first.log").read_text()[-3000:]
+    return code
+
+
+def test_a_fit_stopped_by_sigterm_is_not_a_finished_run(tmp_path: Path) -> None:
+    """SIGTERM ends a real `antipasto fit` after the step under way with a checkpoint, exit status 128 + 15 (so
+    `antipasto experiment` does not mark the run done) and no final held-out evaluation (a stopped fit is not the
+    end of training); resuming it finishes the run and writes that evaluation."""
+    args = fit_args(tmp_path, 8)
+    assert kill_after_a_checkpoint(args, tmp_path, signal.SIGTERM) == 128 + signal.SIGTERM
+    stopped_at = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= stopped_at < 8
+    evaluation = tmp_path / EVAL_FILE
+    assert not evaluation.exists() or "final" not in json.loads(evaluation.read_text())
+    done = subprocess.run(ANTIPASTO + args + ["--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(evaluation.read_text())["final"]["step"] == 8
 
 
 def test_sigkill_mid_step_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
