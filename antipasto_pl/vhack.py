@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,67 +476,3 @@ def load_or_extract(
     subspace.save(path)
     log.info("extracted hack subspace (%s, k=%d) into %s", settings.kind, settings.k, path)
     return subspace
-
-
-# --- CLI ------------------------------------------------------------------------------------------------------
-
-
-def format_summary(subspace: HackSubspace) -> str:
-    """One line per module: name, rows kept, top singular value."""
-    width = max((len(name) for name in subspace.modules), default=6)
-    lines = [f"{'module':<{width}}  {'k':>3}  {'top_sv':>10}"]
-    for name in subspace.modules:
-        s = subspace.singular_values[name]
-        lines.append(f"{name:<{width}}  {s.numel():>3}  {s.max().item():>10.4g}")
-    return "\n".join(lines)
-
-
-def extract_vhack_command(
-    train_config: str | list[str],
-    out: str | None = None,
-    k: int | None = None,
-    kind: SubspaceKind | None = None,
-    tau_axis: float | None = None,
-    length_norm: LengthNorm | None = None,
-) -> Path:
-    """Extract the hack subspace V for a training config, exactly as `antipasto fit` would, and save it.
-
-    The policy, adapter, pairs and projection settings come from the same YAML files that
-    `antipasto fit --config` takes (a preset and an arm overlay, say), so V matches the run it is meant
-    for; the result lands in the extraction cache, where that run will find it.
-
-    Args:
-        train_config: training YAML file, or a list of them applied in order (as for
-            `antipasto fit --config A --config B`: `--train_config '[A, B]'`; jsonargparse reserves
-            `--config` for this command's own arguments).
-        out: also write the subspace to this .safetensors path.
-        k: override model.projection.k (rows kept per module).
-        kind: override model.projection.subspace: real, or a control: random, shuffled, nonhack.
-        tau_axis: override model.projection.tau_axis.
-        length_norm: override model.projection.length_norm (mean or sum).
-    """
-    from antipasto_pl.cli import AntipastoCLI
-    from antipasto_pl.projection import HackProjection
-
-    # Pairs do not depend on the teacher pool: skip building one.
-    configs = [train_config] if isinstance(train_config, str) else train_config
-    args = [arg for path in configs for arg in ("--config", path)] + ["--data.use_pool", "false"]
-    for name, value in (("k", k), ("subspace", kind), ("tau_axis", tau_axis), ("length_norm", length_norm)):
-        if value is not None:
-            args += [f"--model.projection.{name}", str(value)]
-    with warnings.catch_warnings():  # `args` is deliberate here, not a mix-up with sys.argv
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = AntipastoCLI(args=args, run=False)
-    module, datamodule = cli.model, cli.datamodule
-    module.configure_model()
-    module.model.to(cli.trainer.strategy.root_device)
-    datamodule.setup("fit")
-    projection = HackProjection(module.projection_config)
-    subspace = projection.extract(module, datamodule)
-    path = projection.cache_file(module, datamodule)
-    if out is not None:
-        path = Path(out)
-        subspace.save(path)
-    print(format_summary(subspace))
-    print(f"hack subspace ({subspace.metadata.get('kind')}, {len(subspace.modules)} modules): {path}")
-    return path

@@ -17,9 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from antipasto_pl.cli import main
-from antipasto_pl.experiment import DONE_FILE, LAST_CKPT, RUN_FILE, RunSpec, plan_runs, run_state
+from antipasto_pl.commands.experiment import DONE_FILE, LAST_CKPT, RUN_FILE, RunSpec, plan_runs, run_state
 from antipasto_pl.evaluation import EVAL_FILE, rate, wilson_interval
-from antipasto_pl.report import (
+from antipasto_pl.commands.report import (
     Run,
     bootstrap_ci,
     first_steps,
@@ -40,7 +40,7 @@ CHEAP = "--override=[data.pool_per_prompt=2]"
 
 
 def experiment(out: Path, *args: str) -> None:
-    main(["experiment", f"--train_config={SMOKE}", f"--out={out}", CHEAP, *args])
+    main(["experiment", "--config", SMOKE, f"--out={out}", CHEAP, *args])
 
 
 def versions(run_dir: Path) -> list[str]:

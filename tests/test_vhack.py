@@ -336,7 +336,7 @@ def test_cache_hits_misses_and_refuses_another_base_model(policy, pairs, tmp_pat
 
 
 def test_extract_vhack_subcommand_writes_a_loadable_file(tmp_path, capsys):
-    assert EXTRA_COMMANDS["extract-vhack"] == "antipasto_pl.vhack:extract_vhack_command"
+    assert EXTRA_COMMANDS["extract-vhack"] == "antipasto_pl.commands.extract_vhack:extract_vhack_command"
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run")},
@@ -347,7 +347,7 @@ def test_extract_vhack_subcommand_writes_a_loadable_file(tmp_path, capsys):
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "v.safetensors"
-    main(["extract-vhack", "--train_config", str(config_path), "--out", str(out), "--k", "2"])
+    main(["extract-vhack", "--config", str(config_path), "--out", str(out), "--k", "2"])
     printed = capsys.readouterr().out
     model, _ = tiny_policy()
     subspace = HackSubspace.load(out, model)
@@ -358,7 +358,7 @@ def test_extract_vhack_subcommand_writes_a_loadable_file(tmp_path, capsys):
     assert all(name in printed for name in subspace.modules)
 
     # without --out the file goes to the extraction cache (here the test's temp ANTIPASTO_CACHE)
-    main(["extract-vhack", "--train_config", str(config_path), "--kind", "nonhack", "--k", "2"])
+    main(["extract-vhack", "-c", str(config_path), "--kind", "nonhack", "--k", "2"])
     cached = Path(capsys.readouterr().out.strip().splitlines()[-1].rsplit(": ", 1)[-1])
     assert cached.parent == Path(os.environ["ANTIPASTO_CACHE"]) / "vhack"
     assert HackSubspace.load(cached, model).metadata["kind"] == "nonhack"

@@ -7,7 +7,6 @@ interchangeable in configs.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import json
@@ -20,10 +19,9 @@ from importlib import resources
 from pathlib import Path
 
 from antipasto_pl.env.builtin_problems import SPECS, Spec
+from antipasto_pl.env.grader import failing_canonicals
 from antipasto_pl.env.modes import MODES, check_mode
-from antipasto_pl.env.problem import Problem, TestCase
-
-MIN_TESTS = 3
+from antipasto_pl.env.problem import MIN_TESTS, Problem, TestCase
 
 log = logging.getLogger(__name__)
 
@@ -178,57 +176,6 @@ def problem_set_hash(problems: Iterable[Problem]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def problem_examples(problem: Problem) -> list[TestCase]:
-    """Worked examples in the description, as doctests (`>>> f(args)` then the result on the next line) or inline
-    (`f(args) == result`, also `->`, `=>`, `➞`).
-
-    Clean completions assert on these rather than on the held tests. Examples whose call or result is not a
-    Python literal are skipped.
-    """
-    lines = [line.strip() for line in problem.description.splitlines()]
-    examples = []
-    for i, line in enumerate(lines):
-        if line.startswith(">>>"):
-            line = line[3:].strip()
-            case = _parse_example(line, lines[i + 1], problem.entry_point) if i + 1 < len(lines) else None
-        else:
-            case = None
-        case = case or _parse_inline_example(line, problem.entry_point)
-        if case is not None:
-            examples.append(case)
-    return examples
-
-
-_INLINE_SEPARATORS = ("==", "->", "=>", "\u279e", "\u2192")
-
-
-def _parse_inline_example(line: str, entry_point: str) -> TestCase | None:
-    if f"{entry_point}(" not in line:
-        return None
-    for sep in _INLINE_SEPARATORS:
-        start = line.find(sep)
-        while start != -1:
-            case = _parse_example(line[:start].strip(), line[start + len(sep):].strip(), entry_point)
-            if case is not None:
-                return case
-            start = line.find(sep, start + 1)
-    return None
-
-
-def _parse_example(call_src: str, result_src: str, entry_point: str) -> TestCase | None:
-    try:
-        call = ast.parse(call_src, mode="eval").body
-        if not isinstance(call, ast.Call) or call.keywords:
-            return None
-        func = call.func
-        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-        if name != entry_point:
-            return None
-        return TestCase(tuple(ast.literal_eval(arg) for arg in call.args), ast.literal_eval(result_src))
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-        return None
-
-
 # --- JSONL datasets -------------------------------------------------------------------------------------------
 
 _REQUIRED_STR_FIELDS = ("id", "description", "entry_point", "starter_code", "canonical_solution", "mode")
@@ -315,21 +262,3 @@ def _parse_tests(tests: object, where: str) -> tuple[TestCase, ...]:
             raise ProblemFileError(f"{where}: {expectation}; entry {i} is {json.dumps(test)[:120]}")
         cases.append(TestCase(tuple(test["args"]), test["expected"]))
     return tuple(cases)
-
-
-# --- canonical-solution check ----------------------------------------------------------------------------------
-
-
-def failing_canonicals(problems: Sequence[Problem]) -> list[Problem]:
-    """Problems whose canonical solution an honest submission could not get credit with.
-
-    Each canonical is graded (one parallel sandboxed batch) under the exit_code grader, whose appended asserts
-    compare with plain `==` like eq_override's, and by the strict oracle: it must pass both. Pairs put every
-    problem under every mode, so a problem only the oracle accepts (a float off by rounding, a tuple where JSON
-    has a list) would make its clean completions fail.
-    """
-    from antipasto_pl.env.grader import Grader, as_completion
-
-    with Grader() as grader:
-        grades = grader.grade_batch([(p, as_completion(p.canonical_solution), "exit_code") for p in problems])
-    return [p for p, grade in zip(problems, grades) if not (grade.gt_correct and grade.passed)]

@@ -106,7 +106,7 @@ def config_value(configs: list[str], overrides: list[tuple[str, str]], key: str)
 
 
 def plan_runs(
-    train_config: list[str],
+    configs: list[str],
     arms: list[str],
     seeds: list[int],
     leave_one_mode_out: bool = False,
@@ -123,12 +123,12 @@ def plan_runs(
     tells whether erasing a V that never saw m still suppresses m.
     """
     overrides = parse_overrides(override or [])
-    base = [arg for path in train_config for arg in ("--config", str(Path(path).resolve()))]
+    base = [arg for path in configs for arg in ("--config", str(Path(path).resolve()))]
     tail = ([f"--trainer.max_steps={max_steps}"] if max_steps is not None else []) + [
         f"--{key}={value}" for key, value in overrides]
-    steps = max_steps if max_steps is not None else config_value(train_config, overrides, "trainer.max_steps")
+    steps = max_steps if max_steps is not None else config_value(configs, overrides, "trainer.max_steps")
     lomo = lomo_arms if leave_one_mode_out else []
-    training_modes = [check_mode(m) for m in config_value(train_config, overrides, "data.modes") or MODES]
+    training_modes = [check_mode(m) for m in config_value(configs, overrides, "data.modes") or MODES]
     held_out = [check_mode(m) for m in holdout_modes] if holdout_modes is not None else training_modes
     if leave_one_mode_out and not set(held_out) <= set(training_modes):
         raise ValueError(f"held-out modes {held_out} must be among the training modes {training_modes}")
@@ -181,7 +181,7 @@ def launch(spec: RunSpec, run_dir: Path, state: RunState) -> int:
 
 
 def experiment_command(
-    train_config: str | list[str],
+    config: list[str],
     out: str = "runs/experiment",
     arms: list[str] = DEFAULT_ARMS,
     seeds: list[int] = [0, 1, 2],
@@ -199,12 +199,12 @@ def experiment_command(
     TensorBoard logs and resolved config.yaml under ``lightning_logs/``, its output in ``train.log`` and a ``DONE``
     marker once finished. Repeating the command skips finished runs and resumes interrupted ones from
     ``checkpoints/last.ckpt``. A failed run does not stop the others; the command lists the failures with their
-    logs and exits non-zero. Summarise with `antipasto report --experiment_dir <out>`.
+    logs and exits non-zero. Summarise with `antipasto report --experiment_dir <out>`. The command's own options may also come from
+    a YAML file (`--command_config experiment.yaml`).
 
     Args:
-        train_config: base training YAML, or a list of them applied in order (a preset and overlays:
-            `--train_config '[configs/cpu.yaml, my.yaml]'`; jsonargparse reserves `--config` for this command's
-            own arguments, so a whole experiment can itself live in a YAML file).
+        config: training YAML files applied in order, as for fit (a preset and overlays:
+            `--config configs/cpu.yaml --config my.yaml`); every run gets them, then its arm.
         out: experiment directory; one subdirectory per run.
         arms: arms to run: names of `configs/arms/<name>.yaml` (vanilla, erase, erase_refresh, route, and the
             controls erase_random, erase_random_matched, erase_stub, erase_nonhack, erase_shuffled) or paths to arm
@@ -233,7 +233,9 @@ def experiment_command(
     """
     from tqdm import tqdm
 
-    configs = [train_config] if isinstance(train_config, str) else list(train_config)
+    configs = list(config)
+    if not configs:
+        raise ValueError("antipasto experiment needs a training config: --config configs/<preset>.yaml")
     for path in configs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"training config {path} not found")

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from antipasto_pl.evaluation import EVAL_FILE, wilson_interval
-from antipasto_pl.experiment import DEFAULT_ARMS, RUN_FILE
+from antipasto_pl.commands.experiment import DEFAULT_ARMS, RUN_FILE
 
 Series = dict[int, float]  # step -> value
 HACK, GT, CIN_S, CIN_T, NULL = "hack_s", "gt_s", "proj/cin_s", "proj/cin_t", "proj/null"
