@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 
 from antipasto_pl.adapter import quarantine_ablated
 from antipasto_pl.env.grader import Grade
-from antipasto_pl.env.pairs import Pair, make_pairs
+from antipasto_pl.env.pairs import INTROS, Pair, answer, make_pairs
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.seeds import run_seed
 from antipasto_pl.sequences import completion_log_probs, encode_completions
@@ -153,21 +153,48 @@ class HeldOutEvaluation(Callback):
         self._evaluate(trainer, pl_module, "final")
 
 
+def completion_log_prob_sums(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],
+    prefills: Sequence[str], chunk: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed log-probability of its completion's tokens after its prompt and prefill, and how many
+    tokens that is: (n,), (n,) on the CPU. `chunk` rows per forward (differentiable: the callers here run it under
+    no_grad, a demonstration loss need not)."""
+    sums, counts = [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), chunk):
+        stop = start + chunk
+        batch = encode_completions(tokenizer, prompts[start:stop], completions[start:stop],
+                                   prefills=prefills[start:stop]).to(device)
+        mask = batch.completion_mask[:, 1:].to(torch.float32)
+        sums.append((completion_log_probs(model, batch) * mask).sum(-1).float())
+        counts.append(mask.sum(-1))
+    return torch.cat(sums).cpu(), torch.cat(counts).cpu()
+
+
 def sequence_log_probs(
     model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], side: str, chunk: int = 8
 ) -> torch.Tensor:
-    """Summed log-probability of each pair's `side` completion ("hack" or "clean") after its prompt and prefill,
-    `chunk` rows per forward (differentiable: the probe calls it under no_grad, a demonstration loss need not)."""
-    # -> (n_pairs,)
-    values = []
-    device = next(model.parameters()).device
-    for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        batch = encode_completions(tokenizer, [p.prompt for p in part], [getattr(p, side) for p in part],
-                                   prefills=[p.prefill for p in part]).to(device)
-        logp = completion_log_probs(model, batch)
-        values.append((logp * batch.completion_mask[:, 1:]).sum(-1).float())
-    return torch.cat(values).cpu()
+    """Summed log-probability of each pair's `side` completion ("hack" or "clean"): (n_pairs,)."""
+    sums, _ = completion_log_prob_sums(model, tokenizer, [p.prompt for p in pairs], [getattr(p, side) for p in pairs],
+                                       [p.prefill for p in pairs], chunk)
+    return sums
+
+
+@torch.no_grad()
+def clean_log_likelihood(
+    model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], prefill: Callable[[Problem], str]
+) -> list[float]:
+    """Per problem, the mean log-probability per token of its canonical solution written as an answer after its
+    prefill (teacher-forced): a quality measure with headroom where the oracle pass rate is near 0. Problems whose
+    canonical cannot follow the prefill have no clean answer and are left out. One row per forward, so a value
+    does not depend on the other problems."""
+    rows = [(p.prompt(), completion, prefill(p)) for p in problems
+            if (completion := answer(p.canonical_solution, INTROS[0], prefill(p))) is not None]
+    if not rows:
+        return []
+    sums, counts = completion_log_prob_sums(model, tokenizer, *map(list, zip(*rows)), chunk=1)
+    return (sums / counts).tolist()
 
 
 class LikelihoodProbe(Callback):

@@ -21,7 +21,8 @@ from antipasto_pl.projection import ProjectionConfig
 from antipasto_pl.rollout import SamplingConfig
 
 JITTER = 1e-3
-PIECES = ("generate_groups", "grade_groups", "backward_groups")
+# The step pieces timed: the experience builder's generate and grade, the module's loss/backward.
+PIECES = ("generate", "grade", "backward_groups")
 
 
 class StepTimer(L.Callback):
@@ -37,10 +38,15 @@ class StepTimer(L.Callback):
         self._start = 0.0
 
     def wrap_pieces(self, module: AntipastoModule) -> None:
-        """Time the module's generate / grade / backward methods (instance attributes shadow the methods)."""
-        for name in PIECES:
-            if callable(getattr(module, name, None)):
-                setattr(module, name, timed(getattr(module, name), self.calls[name]))
+        """Time the module's backward and, once the fit has built it, its experience builder's generate and grade
+        (instance attributes shadow the methods)."""
+        self._module = module
+        setattr(module, "backward_groups", timed(module.backward_groups, self.calls["backward_groups"]))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "_module", None) is pl_module:
+            for name in ("generate", "grade"):
+                setattr(pl_module.experience, name, timed(getattr(pl_module.experience, name), self.calls[name]))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
