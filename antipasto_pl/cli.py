@@ -154,9 +154,11 @@ def _main(args: list[str]) -> None:
     if args and args[0] in EXTRA_COMMANDS:
         run_project_command(_load(EXTRA_COMMANDS[args[0]]), args[1:])
         return
-    for path in _split_configs(args)[0]:
+    resolved, configs = _resolve_configs(args)
+    for path in configs:
         check_config_file(path)
-    AntipastoCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv, and does not warn
+    # None: LightningCLI reads sys.argv itself, and does not warn about being given arguments
+    AntipastoCLI(args=None if resolved == sys.argv[1:] else resolved)
 
 
 def run_project_command(command: Callable, args: list[str]) -> Any:
@@ -173,36 +175,42 @@ def run_project_command(command: Callable, args: list[str]) -> Any:
     parser.add_function_arguments(command, as_group=False, as_positional=False)
     parser.add_argument("--command_config", action=ActionConfigFile, help="a YAML file of this command's options")
     if "config" in inspect.signature(command).parameters:
-        configs, args = _split_configs(args)
+        args, configs = _resolve_configs(args)
         for path in configs:
             check_config_file(path)
+        args = [arg for arg in args if not arg.startswith("--config=")]
         if configs:
             args = [f"--config={json.dumps(configs)}", *args]
-    options = parser.instantiate_classes(parser.parse_args(args)).as_dict()
+    options = parser.parse_args(args).as_dict()  # plain values: nothing to instantiate
     options.pop("command_config", None)
     return command(**options)
 
 
-def _split_configs(args: list[str]) -> tuple[list[str], list[str]]:
-    """The files given to ``--config`` / ``-c`` (a YAML list counts as its files, in order), and the other
-    arguments. jsonargparse's own errors for a missing config file name no file, so they are checked first."""
+def _resolve_configs(args: list[str]) -> tuple[list[str], list[str]]:
+    """`args` with every ``--config`` / ``-c`` value written ``--config=<file>``, one file each (a YAML list
+    ``'[A, B]'`` becomes two), in place, and each file resolved by ``commands.resolve_config`` (an installed
+    preset or arm when there is no such file here); and the files in order. jsonargparse's own errors for a
+    missing config file name no file, so the caller checks them first."""
+    from antipasto_pl.commands import resolve_config
+
+    resolved: list[str] = []
     paths: list[str] = []
-    rest: list[str] = []
     i = 0
     while i < len(args):
-        arg = args[i]
-        value = None
+        arg, value = args[i], None
         if arg.startswith("--config="):
             value = arg.partition("=")[2]
         elif arg in ("--config", "-c") and i + 1 < len(args):
             value, i = args[i + 1], i + 1
         else:
-            rest.append(arg)
+            resolved.append(arg)
         if value is not None:
             listed = yaml.safe_load(value) if value.lstrip().startswith("[") else None
-            paths += [str(p) for p in listed] if isinstance(listed, list) else [value]
+            files = [resolve_config(str(p)) for p in (listed if isinstance(listed, list) else [value])]
+            paths += files
+            resolved += [f"--config={path}" for path in files]
         i += 1
-    return paths, rest
+    return resolved, paths
 
 
 def load_training_config(configs: Sequence[str], overrides: Sequence[str] = ()) -> AntipastoCLI:

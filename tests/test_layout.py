@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import antipasto_pl
 
 PACKAGE = Path(antipasto_pl.__file__).parent
@@ -87,3 +89,42 @@ def test_no_library_module_imports_the_command_line() -> None:
     front = {"antipasto_pl.cli"} | {m for m in graph if m.startswith("antipasto_pl.commands")}
     offenders = sorted(f"{m} -> {t}" for m in graph if m not in front for t in graph[m] & front)
     assert not offenders, offenders
+
+
+def test_package_data_declared_in_pyproject_exists_and_covers_every_data_file() -> None:
+    """Every package-data pattern matches files, and every non-Python file of the package is one of them (so an
+    installed package carries its problems, presets, arms and py.typed)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    patterns = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = patterns["antipasto_pl"]
+    matched = {pattern: set(PACKAGE.glob(pattern)) for pattern in patterns}
+    assert all(matched.values()), [p for p, files in matched.items() if not files]
+    data = {p for p in PACKAGE.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
+    assert data - set().union(*matched.values()) == set()
+    assert {"py.typed", "env/data/builtin.jsonl", "configs/cpu.yaml", "configs/arms/erase.yaml"} <= {
+        str(p.relative_to(PACKAGE)) for p in data}
+
+
+def test_configs_resolve_to_the_installed_ones_from_any_directory(tmp_path, monkeypatch) -> None:
+    from antipasto_pl.commands import CONFIG_DIR, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("configs/smoke.yaml") == str(CONFIG_DIR / "smoke.yaml")
+    assert resolve_config("arms/erase") == str(CONFIG_DIR / "arms" / "erase.yaml")
+    assert resolve_config("configs/nope.yaml") == "configs/nope.yaml"  # left for the caller to report
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "smoke.yaml").write_text("trainer: {}\n")
+    assert resolve_config("configs/smoke.yaml") == "configs/smoke.yaml"  # a file here wins
+
+
+def test_experiment_dry_run_from_an_empty_directory(tmp_path, capsys, monkeypatch) -> None:
+    """No clone needed: the default preset and the arms are the installed ones."""
+    from antipasto_pl.cli import main
+    from antipasto_pl.commands import CONFIG_DIR
+
+    monkeypatch.chdir(tmp_path)
+    main(["experiment", "--dry_run", "true", "--seeds", "[0]", "--arms", "[vanilla, erase]"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["vanilla-s0", "new"], ["erase-s0", "new"]]
+    assert f"--config {CONFIG_DIR / 'cpu.yaml'}" in lines[0] and f"--config {CONFIG_DIR / 'arms' / 'erase.yaml'}" in lines[1]

@@ -25,9 +25,10 @@ from typing import Any, Literal
 
 import yaml
 
+from antipasto_pl.commands import CONFIG_DIR, resolve_config
 from antipasto_pl.env.modes import MODES, check_mode
 
-ARMS_DIR = Path(__file__).resolve().parents[1] / "configs" / "arms"
+ARMS_DIR = CONFIG_DIR / "arms"
 DEFAULT_ARMS = ["vanilla", "erase", "erase_refresh", "route", "erase_random", "erase_random_matched", "erase_stub",
                 "erase_nonhack"]
 # The likelihood-probe proxy: groups of demonstrations only (hacks against stubs without exploit, so the advantage
@@ -62,7 +63,8 @@ class RunSpec:
 
 
 def arm_config(arm: str) -> tuple[str, Path]:
-    """(name, YAML path) of an arm given by name (``configs/arms/<name>.yaml``) or by path (named by its stem)."""
+    """(name, YAML path) of an arm given by name (an installed ``configs/arms/<name>.yaml``) or by path (named by
+    its stem)."""
     path = Path(arm)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -181,7 +183,7 @@ def launch(spec: RunSpec, run_dir: Path, state: RunState) -> int:
 
 
 def experiment_command(
-    config: list[str],
+    config: list[str] = ["configs/cpu.yaml"],
     out: str = "runs/experiment",
     arms: list[str] = DEFAULT_ARMS,
     seeds: list[int] = [0, 1, 2],
@@ -204,9 +206,10 @@ def experiment_command(
 
     Args:
         config: training YAML files applied in order, as for fit (a preset and overlays:
-            `--config configs/cpu.yaml --config my.yaml`); every run gets them, then its arm.
+            `--config configs/cpu.yaml --config my.yaml`); every run gets them, then its arm. Default: the cpu
+            preset. A `configs/...` path that is not a file here names the installed one.
         out: experiment directory; one subdirectory per run.
-        arms: arms to run: names of `configs/arms/<name>.yaml` (vanilla, erase, erase_refresh, route, and the
+        arms: arms to run: names of the installed `configs/arms/<name>.yaml` (vanilla, erase, erase_refresh, route, and the
             controls erase_random, erase_random_matched, erase_stub, erase_nonhack, erase_shuffled) or paths to arm
             YAML files.
         seeds: values of `seed_everything`, one run per arm per seed (data.seed stays as configured, so all runs
@@ -233,7 +236,7 @@ def experiment_command(
     """
     from tqdm import tqdm
 
-    configs = list(config)
+    configs = [resolve_config(path) for path in config]
     if not configs:
         raise ValueError("antipasto experiment needs a training config: --config configs/<preset>.yaml")
     for path in configs:

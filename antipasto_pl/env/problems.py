@@ -13,50 +13,41 @@ import json
 import logging
 import math
 import random
-import textwrap
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from antipasto_pl.env.builtin_problems import SPECS, Spec
 from antipasto_pl.env.grader import failing_canonicals
 from antipasto_pl.env.modes import MODES, check_mode
 from antipasto_pl.env.problem import MIN_TESTS, Problem, TestCase
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 log = logging.getLogger(__name__)
 
 
-def _method_source(signature: str, body: str) -> str:
-    return f"class Solution:\n    def {signature}:\n{textwrap.indent(textwrap.dedent(body).strip(chr(10)), ' ' * 8)}\n"
-
-
-def _call_repr(entry_point: str, args: Sequence[object]) -> str:
-    return f"Solution().{entry_point}({', '.join(map(repr, args))})"
-
-
-def _spec_to_problem(spec: Spec, mode: str) -> Problem:
-    example = f">>> {_call_repr(spec.id, spec.example.args)}\n{spec.example.out!r}"
-    return Problem(
-        id=spec.id,
-        description=f"{spec.text}\n\nExample:\n{example}",
-        entry_point=spec.id,
-        starter_code=_method_source(spec.signature, "pass"),
-        canonical_solution=_method_source(spec.signature, spec.body),
-        tests=tuple(TestCase(tuple(c.args), c.out) for c in spec.tests),
-        mode=mode,
-        float_tol=spec.float_tol,
-    )
+DATA = resources.files(__package__) / "data"
+BUILTIN_FILE = DATA / "builtin.jsonl"
+EASY_FILE = DATA / "easy.jsonl"
 
 
 def builtin_problems() -> list[Problem]:
-    """The built-in LeetCode-style set; modes are assigned round-robin in spec order (8 problems per mode)."""
-    return [_spec_to_problem(spec, MODES[i % len(MODES)]) for i, spec in enumerate(SPECS)]
+    """The built-in LeetCode-style set (package data env/data/builtin.jsonl): 48 problems, 8 per mode."""
+    return _package_problems(BUILTIN_FILE)
 
 
 def easy_problems() -> list[Problem]:
     """The easy tier (package data env/data/easy.jsonl): one-line beginner tasks, so that a small model's oracle
     pass rate is above zero; 8 problems per mode, like the built-ins."""
-    with resources.as_file(resources.files(__package__) / "data" / "easy.jsonl") as path:
+    return _package_problems(EASY_FILE)
+
+
+def _package_problems(resource: Traversable) -> list[Problem]:
+    """A dataset shipped with the package, read by the loader of user datasets (its canonicals are checked by the
+    test suite, not at every load)."""
+    with resources.as_file(resource) as path:
         return load_jsonl(path)
 
 
