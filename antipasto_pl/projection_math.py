@@ -1,15 +1,12 @@
 """Hack-subspace projection of a gradient (DESIGN section 4): the math under the projection Callback.
 
 V (`v_hack`) has orthonormal rows oriented hack-ward: a loss gradient g with v.g > 0 is one whose
-descent step -lr*g moves toward hacking. Every function broadcasts over leading dims, so many
-modules can be handled at once by zero-padding with `stack_padded` (zero rows of V and zero
-coordinates of g change nothing).
+descent step -lr*g moves toward hacking. Every function broadcasts over leading dims.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -137,19 +134,3 @@ def update_leak(delta_before: Tensor, delta_after: Tensor, v_hack: Tensor) -> Te
     """
     # delta_before, delta_after: (..., r), v_hack: (..., k, r) -> (...)
     return hack_cosine(delta_before - delta_after, v_hack)
-
-
-def stack_padded(tensors: Sequence[Tensor]) -> Tensor:
-    """Stack same-rank tensors of different sizes, zero-padding every dim to the largest.
-
-    For batching modules of different r and k: padded g coordinates and V rows / columns are zero,
-    so every function here gives the per-module result on the unpadded part and zeros elsewhere.
-    """
-    # tensors: M x (r_m,) or M x (k_m, r_m) -> (M, r_max) or (M, k_max, r_max)
-    if not tensors or len({t.dim() for t in tensors}) != 1:
-        raise ValueError("stack_padded needs a non-empty list of tensors of the same rank")
-    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-    out = tensors[0].new_zeros(len(tensors), *shape)
-    for i, tensor in enumerate(tensors):
-        out[(i, *(slice(0, size) for size in tensor.shape))] = tensor
-    return out

@@ -12,8 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +27,8 @@ from transformers import PreTrainedTokenizerBase
 from antipasto_pl.adapter import adapter_metadata, adapter_modules, quarantine_ablated, row_delta_probes
 from antipasto_pl.env.pairs import Pair
 from antipasto_pl.grpo import target_log_probs
-from antipasto_pl.models import cache_root
 from antipasto_pl.sequences import CompletionBatch, encode_completions
+from antipasto_pl.storage import atomic_write, cache_root
 from antipasto_pl.vhack_math import apply_noise_floor, hack_basis_from_pair_grads, random_basis, shuffle_pair_labels
 
 log = logging.getLogger(__name__)
@@ -271,21 +269,13 @@ class HackSubspace:
 
     def save(self, path: str | Path) -> None:
         """Write V, singular values and provenance to a safetensors file, atomically (tmp file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name in self.v_hack:
             tensors[f"{name}.v_hack"] = self.v_hack[name].detach().float().cpu().contiguous()
             tensors[f"{name}.singular_values"] = self.singular_values[name].detach().float().cpu().contiguous()
         header = {"format": VHACK_FORMAT, "weight_hashes": self.weight_hashes, "metadata": self.metadata}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_write(path) as tmp:
             save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(header)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> HackSubspace:

@@ -72,7 +72,7 @@ def test_group_log_probs_equal_full_rows(name: str, dtype: str, lengths: tuple[i
     reference = full_row_reference(model, tokenizer, prompt, completions)
     tol = TOLERANCE[dtype]["logp"]
     with torch.no_grad():
-        results = [group_log_probs(model, batch, share_prompt=share_prompt) for share_prompt in (True, False)]
+        results = [group_log_probs(model, batch)]  # shared prompt, or (GatedDeltaNet) full rows
         if shares_prompt_cache(model):  # one prompt pass, scored against twice
             state = prompt_pass(model, batch.prompt_ids)
             results += [group_log_probs(model, batch, prompt_state=state) for _ in range(2)]

@@ -14,10 +14,8 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from antipasto_pl.env.modes import MODES, check_mode
 from antipasto_pl.env.pairs import clean_completions, hack_completions, stub_completions
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.problems import filter_modes, problem_set_hash
+from antipasto_pl.storage import atomic_write
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -170,20 +169,14 @@ def _counts(records: Sequence[PoolRecord]) -> dict:
 def _write_atomically(out_dir: Path, by_problem: dict[str, list[PoolRecord]], manifest: dict) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
         raise PoolError(f"{out_dir} exists and is not a teacher pool (no {MANIFEST}); refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for problem_id, records in by_problem.items():
-        # mtime=0 keeps the bytes reproducible for a given seed.
-        path = tmp / manifest["files"][problem_id]
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            for record in records:
-                gz.write((json.dumps(dataclasses.asdict(record)) + "\n").encode())
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_write(out_dir, directory=True) as tmp:
+        for problem_id, records in by_problem.items():
+            # mtime=0 keeps the bytes reproducible for a given seed.
+            path = tmp / manifest["files"][problem_id]
+            with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                for record in records:
+                    gz.write((json.dumps(dataclasses.asdict(record)) + "\n").encode())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 class TeacherPool:
