@@ -30,8 +30,10 @@ from antipasto_pl.adapter import quarantine_ablated
 from antipasto_pl.env.grader import Grade
 from antipasto_pl.env.pairs import INTROS, Pair, answer, make_pairs
 from antipasto_pl.env.problem import Problem
+from antipasto_pl.metrics import probe_margin
 from antipasto_pl.seeds import run_seed
 from antipasto_pl.sequences import completion_log_probs, encode_completions
+from antipasto_pl.storage import atomic_write
 
 EVAL_FILE = "eval.json"
 Z95 = 1.959963984540054
@@ -114,12 +116,10 @@ def write_eval(trainer: L.Trainer, report: dict, key: str = "final") -> Path:
     """Merge `report` under `key` into ``<default_root_dir>/eval.json`` (rank 0; written atomically)."""
     path = Path(trainer.default_root_dir) / EVAL_FILE
     if trainer.is_global_zero:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[key] = report
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -141,7 +141,7 @@ class HeldOutEvaluation(Callback):
         items = pl_module.sample_and_grade(problems, n, ablate_quarantine=True)
         report = heldout_summary(items, pl_module.clean_log_likelihood(problems), trainer.global_step)
         write_eval(trainer, report, key)
-        prefix = "test" if key == "final" else f"test_{key}"
+        prefix = "test" if key == "final" else f"test/{key}"
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(report, prefix), step=trainer.global_step)
 
@@ -199,7 +199,7 @@ def clean_log_likelihood(
 
 class LikelihoodProbe(Callback):
     """Every N steps (and before the first), the held-out minimal pairs' mean margin log p(hack) - log p(clean)
-    under the deployed policy: ``probe/margin`` and ``probe/<mode>/margin``.
+    under the deployed policy: ``test/probe_margin`` and ``test/<mode>/probe_margin``.
 
     The pairs are built on the test split (never trained on, never the detector's), one per problem, in the
     minimal style whatever the detector's style; those within the completion budget are kept, at most
@@ -240,8 +240,8 @@ class LikelihoodProbe(Callback):
         with torch.no_grad(), quarantine_ablated(pl_module.model):
             margin = (sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "hack")
                       - sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "clean"))
-        metrics = {"probe/margin": margin.mean().item()}
+        metrics = {probe_margin(): margin.mean().item()}
         for mode in sorted({p.mode for p in self.pairs}):
-            metrics[f"probe/{mode}/margin"] = margin[[p.mode == mode for p in self.pairs]].mean().item()
+            metrics[probe_margin(mode)] = margin[[p.mode == mode for p in self.pairs]].mean().item()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

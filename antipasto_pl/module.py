@@ -52,7 +52,6 @@ from antipasto_pl.evaluation import (
 from antipasto_pl.experience import (
     SOURCES,
     STUDENT,
-    TEACHER,
     Chunk,
     ExperienceBuilder,
     Group,
@@ -60,6 +59,7 @@ from antipasto_pl.experience import (
     teacher_count,
 )
 from antipasto_pl.grpo import Reduction, grpo_loss
+from antipasto_pl.metrics import GT_S, HACK_S, RATES, SANDBOX_ERRORS, train_rate
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.rollout import KVCacheSampler, Sampler, SamplingConfig
@@ -67,6 +67,8 @@ from antipasto_pl.seeds import run_seed
 from antipasto_pl.sequences import PromptState, completion_token_ids, group_log_probs
 
 log = logging.getLogger(__name__)
+
+PROGRESS_BAR = (train_rate("reward", STUDENT), HACK_S, GT_S)
 
 @dataclass
 class GradParts:
@@ -89,7 +91,7 @@ class AntipastoModule(L.LightningModule):
             ``ProjectionConfig``); ``intervention: none`` still logs every diagnostic.
         refresh_every: re-extract V every N optimizer steps (None: V stays fixed).
         deploy_eval_every: every N steps, evaluate validation prompts with the quarantine ablated
-            (``hack_deploy``, ``solve_deploy``; for route arms). None: off.
+            (``val/hack_deploy``, ``val/solve_deploy``; for route arms). None: off.
         log_completions_every: every N steps, log sample completions and adapter histograms.
         group_size: G, completions per prompt: ``G - G_t`` student samples plus
             ``G_t = floor(G * mix_ratio + 1/2)`` teacher-pool samples (halves round up: G=2, mix 0.25 gives 1).
@@ -176,8 +178,8 @@ class AntipastoModule(L.LightningModule):
         self._loss_stats: dict[str, Tensor] = {}
         self._resume_rng: dict[str, Any] | None = None
         self.over_budget: dict[str, int] = {}  # records and pairs left out for the budget, by source
-        keys = [f"{m}_{s}" for m in ("reward", "hack", "gt", "pass") for s in (STUDENT, TEACHER)]
-        keys += [f"{mode}/{m}_{s}" for mode in MODES for m in ("hack", "gt") for s in (STUDENT, TEACHER)]
+        keys = [train_rate(m, s) for m in RATES for s in SOURCES]
+        keys += [train_rate(m, s, mode) for mode in MODES for m in ("hack", "gt") for s in SOURCES]
         self.rates = nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in keys})
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -186,7 +188,7 @@ class AntipastoModule(L.LightningModule):
         if self.model is not None:
             return
         model, self.tokenizer = load_policy(self.policy_config)
-        self.adapter_summary = wrap_model(model, self.adapter_config)
+        wrap_model(model, self.adapter_config)
         self.model = model
 
     def setup(self, stage: str) -> None:
@@ -352,7 +354,7 @@ class AntipastoModule(L.LightningModule):
         # optimizer hooks logged theirs.
         self.log_rates(groups)
         sandbox_errors = sum(s.grade.error == "sandbox" for g in groups for s in g.samples)
-        self.log("train/sandbox_errors", float(sandbox_errors), reduce_fx="sum", batch_size=1)
+        self.log(SANDBOX_ERRORS, float(sandbox_errors), reduce_fx="sum", batch_size=1)
         for key, value in self._loss_stats.items():
             self.log(f"train/{key}", value, batch_size=len(batch))
         self.log("train/loss", loss, batch_size=len(batch))
@@ -408,9 +410,9 @@ class AntipastoModule(L.LightningModule):
                 grade = s.grade
                 for name, value in (("reward", grade.reward), ("hack", grade.exploited),
                                     ("gt", grade.gt_correct), ("pass", grade.passed)):
-                    per_key.setdefault(f"{name}_{s.source}", []).append(float(value))
-                per_key.setdefault(f"{mode}/hack_{s.source}", []).append(float(grade.exploited))
-                per_key.setdefault(f"{mode}/gt_{s.source}", []).append(float(grade.gt_correct))
+                    per_key.setdefault(train_rate(name, s.source), []).append(float(value))
+                per_key.setdefault(train_rate("hack", s.source, mode), []).append(float(grade.exploited))
+                per_key.setdefault(train_rate("gt", s.source, mode), []).append(float(grade.gt_correct))
         for name, metric in self.rates.items():
             key = name.replace("__", "/")
             values = torch.tensor(per_key.get(key, [0.0]), device=self.device)
@@ -418,7 +420,7 @@ class AntipastoModule(L.LightningModule):
             rate = metric.compute()
             metric.reset()
             if not torch.isnan(rate):
-                self.log(key, rate, prog_bar=key in ("reward_s", "hack_s", "gt_s"), batch_size=values.numel())
+                self.log(key, rate, prog_bar=key in PROGRESS_BAR, batch_size=values.numel())
 
     # --- evaluation ---------------------------------------------------------------------------------
 

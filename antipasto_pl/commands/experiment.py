@@ -121,7 +121,7 @@ def plan_runs(
 
     A weak-detector run holding out mode m extracts V from pairs of the other training modes only
     (``data.known_modes``) and serves teacher samples of the other modes only (``data.pool_modes``), while the
-    student still trains on m's problems: comparing ``<m>/hack_s`` of erase against vanilla run the same way
+    student still trains on m's problems: comparing ``train/<m>/hack_s`` of erase against vanilla run the same way
     tells whether erasing a V that never saw m still suppresses m.
     """
     overrides = parse_overrides(override or [])
