@@ -1,4 +1,4 @@
-"""GRPO loss pieces (DESIGN section 7): group advantages, token log-probs, PPO clip, K3 KL, reduction.
+"""GRPO loss pieces (docs/design.md section 7): group advantages, token log-probs, PPO clip, K3 KL, reduction.
 
 Pure tensor functions, free of Lightning, so the loss can be checked by hand. Shapes: B completions
 (P prompts x G completions per group, flattened), T completion-aligned token positions.
@@ -140,7 +140,7 @@ def grpo_loss(
     mode: Reduction = "dr_grpo",
     denom: float | None = None,
 ) -> GRPOLoss:
-    """Per token PPO-clip + beta * K3, masked and reduced (DESIGN section 7).
+    """Per token PPO-clip + beta * K3, masked and reduced (docs/design.md section 7).
 
     `logp_old` defaults to logp.detach() (rho = 1: one optimizer step per rollout batch; teacher
     samples have no sampling policy of their own either). `ref_logp` comes from the free reference

@@ -1,4 +1,4 @@
-"""Hack-subspace projection of a gradient (DESIGN section 4): the math under the projection Callback.
+"""Hack-subspace projection of a gradient (docs/design.md section 4): the math under the projection Callback.
 
 V (`v_hack`) has orthonormal rows oriented hack-ward: a loss gradient g with v.g > 0 is one whose
 descent step -lr*g moves toward hacking. Every function broadcasts over leading dims.
@@ -96,7 +96,7 @@ def fired(coeffs: Tensor) -> Tensor:
 def null_cosine_level(k: int, r: int) -> float:
     """E[hack_cosine(g, V)] for g uniform on the unit sphere of R^r and any k orthonormal rows.
 
-    The null line for cin / cout. DESIGN's sqrt(k/r) is the RMS of ||V g|| without relu
+    The null line for cin / cout. docs/design.md's sqrt(k/r) is the RMS of ||V g|| without relu
     (E||V g||^2 = k/r); with the relu each coordinate survives half the time, so the RMS of cin is
     sqrt(k/(2r)), and its mean is lower still for small k (a single row is 0 half the time). This
     returns the exact mean, the right comparison for a logged average of cin:

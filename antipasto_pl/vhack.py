@@ -1,4 +1,4 @@
-"""Extracting the hack subspace V from a live model (DESIGN section 3): pair gradients, per-module bases,
+"""Extracting the hack subspace V from a live model (docs/design.md section 3): pair gradients, per-module bases,
 negative controls, safetensors io and a content-keyed cache.
 
 The per-module math (SVD, orientation, floors, controls) is in `vhack_math`; this module feeds it the

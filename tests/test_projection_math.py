@@ -129,7 +129,7 @@ def test_null_level_matches_monte_carlo(k, r):
 def test_null_level_limits():
     assert null_cosine_level(0, 10) == 0.0
     assert null_cosine_level(1, 1) == pytest.approx(0.5)  # g = +-1: relu keeps it half the time
-    # for many rows the mean approaches the RMS sqrt(k / (2r)), below DESIGN's no-relu sqrt(k / r)
+    # for many rows the mean approaches the RMS sqrt(k / (2r)), below docs/design.md's no-relu sqrt(k / r)
     assert null_cosine_level(400, 10_000) == pytest.approx(math.sqrt(400 / 20_000), rel=0.01)
 
 

@@ -1,4 +1,4 @@
-"""Extracting the hack subspace V on real tiny transformers models (DESIGN section 3)."""
+"""Extracting the hack subspace V on real tiny transformers models (docs/design.md section 3)."""
 
 from __future__ import annotations
 

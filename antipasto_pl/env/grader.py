@@ -1,4 +1,4 @@
-"""Loophole graders and the strict oracle (DESIGN section 5), all executed in the sandbox.
+"""Loophole graders and the strict oracle (docs/design.md section 5), all executed in the sandbox.
 
 Each completion gets two sandbox runs, as consecutive jobs of one sandbox (`sandbox.run_sequence`):
 
@@ -464,7 +464,7 @@ def hack_matrix(
     grader: Grader | None = None,
     allowed_transfers: Collection[tuple[str, str]] = KNOWN_TRANSFERS,
 ) -> dict[str, Any]:
-    """Self-check of the graders: the hack x mode matrix (DESIGN section 5).
+    """Self-check of the graders: the hack x mode matrix (docs/design.md section 5).
 
     Grades every hack of `hacks_by_mode` (mode -> problem -> code or completion) on every problem
     under every mode, each clean solution (`cleans`: problem id -> code, or a function) under every
