@@ -128,3 +128,11 @@ def test_experiment_dry_run_from_an_empty_directory(tmp_path, capsys, monkeypatc
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [["vanilla-s0", "new"], ["erase-s0", "new"]]
     assert f"--config {CONFIG_DIR / 'cpu.yaml'}" in lines[0] and f"--config {CONFIG_DIR / 'arms' / 'erase.yaml'}" in lines[1]
+
+    # The training configs as for fit (a YAML list works too); the command's own options from a file.
+    (tmp_path / "matrix.yaml").write_text("arms: [route]\nseeds: [3]\ndry_run: true\n")
+    main(["experiment", "--config", "configs/smoke.yaml", "-c", "[arms/erase.yaml]", "--command_config", "matrix.yaml"])
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.split()[:2] == ["route-s3", "new"]
+    assert (f"--config {CONFIG_DIR / 'smoke.yaml'} --config {CONFIG_DIR / 'arms' / 'erase.yaml'} "
+            f"--config {CONFIG_DIR / 'arms' / 'route.yaml'}") in line
