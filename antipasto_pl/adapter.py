@@ -27,8 +27,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from antipasto_pl.models import cache_root, check_decoder_only
+from antipasto_pl.models import check_decoder_only
+from antipasto_pl.storage import atomic_write, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +253,8 @@ def svd_factors(weight: Tensor, r_max: int | None, cache_dir: Path | None) -> tu
     u = u[:, :rank].to(weight.dtype).contiguous()
     vh = vh[:rank].to(weight.dtype).contiguous()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"U": u.cpu(), "Vh": vh.cpu()}, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            save_file({"U": u.cpu(), "Vh": vh.cpu()}, tmp)
     return u, vh, key
 
 
@@ -429,12 +425,8 @@ def adapter_metadata(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:
     """Write the adapter vectors and their metadata to a safetensors file (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(adapter_state(model), tmp, metadata={"antipasto": json.dumps(adapter_metadata(model))})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(adapter_state(model), tmp, metadata={"antipasto": json.dumps(adapter_metadata(model))})
 
 
 def check_adapter_metadata(model: nn.Module, found: dict, source: str) -> None:

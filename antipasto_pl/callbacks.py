@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from antipasto_pl.adapter import adapter_modules
+from antipasto_pl.metrics import HACK_DEPLOY, SOLVE_DEPLOY
 from antipasto_pl.projection import HackProjection
 from antipasto_pl.vhack_math import basis_overlap
 
@@ -58,7 +59,7 @@ class RefreshHackSubspace(Callback):
 
 class DeployedEvaluation(Callback):
     """Every N steps, sample validation prompts with the quarantine ablated (the deployed view of a
-    routed model) and log ``hack_deploy`` / ``solve_deploy``.
+    routed model) and log ``val/hack_deploy`` / ``val/solve_deploy``.
 
     Args:
         every_n_steps: evaluation period in optimizer steps.
@@ -81,7 +82,7 @@ class DeployedEvaluation(Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rates = pl_module.evaluate(trainer.datamodule.val_problems[: self.max_problems], ablate_quarantine=True)
-        _log_now(trainer, {"hack_deploy": rates["hack"], "solve_deploy": rates["solve"]})
+        _log_now(trainer, {HACK_DEPLOY: rates["hack"], SOLVE_DEPLOY: rates["solve"]})
 
 
 class CompletionLogger(Callback):

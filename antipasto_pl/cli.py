@@ -1,13 +1,16 @@
 """`antipasto`: LightningCLI for fit/validate/test/predict, plus project subcommands.
 
-Extra subcommands (``antipasto build-pool ...``) are plain typed functions whose
-signatures and docstrings jsonargparse turns into CLIs; they are registered in
-``EXTRA_COMMANDS`` as "module:function" and imported only when called.
+Project subcommands (``antipasto build-pool ...``, in ``antipasto_pl.commands``) are plain typed functions whose
+signatures and docstrings jsonargparse turns into CLIs; they are registered in ``EXTRA_COMMANDS`` as
+"module:function" and imported only when called. Those that take a training config take it as ``fit`` does
+(``--config A --config B``); their own options may come from a YAML file given to ``--command_config``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import os
 import sys
 import warnings
@@ -23,11 +26,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 EXTRA_COMMANDS: dict[str, str] = {
-    "build-pool": "antipasto_pl.env.pool:build_pool_command",
-    "extract-vhack": "antipasto_pl.vhack:extract_vhack_command",
-    "export": "antipasto_pl.export:export_command",
-    "experiment": "antipasto_pl.experiment:experiment_command",
-    "report": "antipasto_pl.report:report_command",
+    "build-pool": "antipasto_pl.commands.build_pool:build_pool_command",
+    "extract-vhack": "antipasto_pl.commands.extract_vhack:extract_vhack_command",
+    "export": "antipasto_pl.commands.export:export_command",
+    "experiment": "antipasto_pl.commands.experiment:experiment_command",
+    "report": "antipasto_pl.commands.report:report_command",
 }
 
 DESCRIPTION = (
@@ -149,13 +152,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _main(args: list[str]) -> None:
     if args and args[0] in EXTRA_COMMANDS:
-        from jsonargparse import auto_cli
-
-        auto_cli(_load(EXTRA_COMMANDS[args[0]]), args=args[1:], as_positional=False)
+        run_project_command(_load(EXTRA_COMMANDS[args[0]]), args[1:])
         return
-    for path in _config_paths(args):
+    resolved, configs = _resolve_configs(args)
+    for path in configs:
         check_config_file(path)
-    cli = AntipastoCLI(args=None if args == sys.argv[1:] else args)  # None: LightningCLI reads sys.argv, and does not warn
+    # None: LightningCLI reads sys.argv itself, and does not warn about being given arguments
+    cli = AntipastoCLI(args=None if resolved == sys.argv[1:] else resolved)
     from antipasto_pl.checkpointing import stop_signal
 
     signum = stop_signal(cli.trainer)
@@ -163,15 +166,62 @@ def _main(args: list[str]) -> None:
         raise SystemExit(128 + signum)
 
 
-def _config_paths(args: list[str]) -> list[str]:
-    """The files given to ``--config`` / ``-c`` (jsonargparse's own errors for them name no file)."""
-    paths = []
-    for i, arg in enumerate(args):
+def run_project_command(command: Callable, args: list[str]) -> Any:
+    """Parse `args` against `command`'s signature and call it.
+
+    A command with a ``config`` parameter takes the training YAML files like ``fit``: every ``--config A`` (or
+    ``-c A``; a YAML list ``'[A, B]'`` also works) is gathered, in order, into that one list argument.
+    ``--command_config FILE`` reads the command's own options from a YAML file.
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=f"antipasto {command.__module__.rpartition('.')[2].replace('_', '-')}",
+                            description=(command.__doc__ or "").split("\n\n")[0])
+    parser.add_function_arguments(command, as_group=False, as_positional=False)
+    parser.add_argument("--command_config", action=ActionConfigFile, help="a YAML file of this command's options")
+    if "config" in inspect.signature(command).parameters:
+        args, configs = _resolve_configs(args)
+        for path in configs:
+            check_config_file(path)
+        args = [arg for arg in args if not arg.startswith("--config=")]
+        if configs:
+            args = [f"--config={json.dumps(configs)}", *args]
+    options = parser.parse_args(args).as_dict()  # plain values: nothing to instantiate
+    options.pop("command_config", None)
+    return command(**options)
+
+
+def _resolve_configs(args: list[str]) -> tuple[list[str], list[str]]:
+    """`args` with every ``--config`` / ``-c`` value written ``--config=<file>``, one file each (a YAML list
+    ``'[A, B]'`` becomes two), in place, and each file resolved by ``commands.resolve_config`` (an installed
+    preset or arm when there is no such file here); and the files in order. jsonargparse's own errors for a
+    missing config file name no file, so the caller checks them first."""
+    from antipasto_pl.commands import resolve_config
+
+    resolved: list[str] = []
+    paths: list[str] = []
+    i = 0
+    while i < len(args):
+        arg, value = args[i], None
         if arg.startswith("--config="):
-            paths.append(arg.partition("=")[2])
+            value = arg.partition("=")[2]
         elif arg in ("--config", "-c") and i + 1 < len(args):
-            paths.append(args[i + 1])
-    return paths
+            value, i = args[i + 1], i + 1
+        else:
+            resolved.append(arg)
+        if value is not None:
+            listed = yaml.safe_load(value) if value.lstrip().startswith("[") else None
+            files = [resolve_config(str(p)) for p in (listed if isinstance(listed, list) else [value])]
+            paths += files
+            resolved += [f"--config={path}" for path in files]
+        i += 1
+    return resolved, paths
+
+
+def load_training_config(configs: Sequence[str], overrides: Sequence[str] = ()) -> AntipastoCLI:
+    """The module, data module and trainer of a training config (YAML files applied in order, then `overrides`
+    such as ``["--data.use_pool", "false"]``), instantiated as ``antipasto fit`` would, without running anything."""
+    return AntipastoCLI(args=[arg for path in configs for arg in ("--config", str(path))] + list(overrides), run=False)
 
 
 def check_config_file(path: str) -> None:

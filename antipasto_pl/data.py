@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from antipasto_pl.env.pool import FORMAT_VERSION, MANIFEST, PoolRecord, TeacherP
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.problems import assign_modes, filter_modes, load_problems, problem_set_hash, split_problems
 from antipasto_pl.seeds import run_seed
+from antipasto_pl.storage import cache_root
 
 
 def collate_problems(batch: list[Problem]) -> list[Problem]:
@@ -165,8 +165,7 @@ class AntipastoDataModule(L.LightningDataModule):
         settings = [problem_set_hash(self.source_problems), hp.pool_per_prompt, hp.pool_hack_frac, hp.pool_seed,
                     hp.prefill, hp.pool_stub_frac]
         key = hashlib.sha256(json.dumps([*settings, FORMAT_VERSION]).encode()).hexdigest()[:16]
-        root = hp.cache_dir or os.environ.get("ANTIPASTO_CACHE") or Path.home() / ".cache" / "antipasto_pl"
-        return Path(root).expanduser() / "pools" / key
+        return cache_root(hp.cache_dir) / "pools" / key
 
     def prepare_data(self) -> None:
         """Build the teacher pool once (Lightning calls this on one process before `setup` on all)."""

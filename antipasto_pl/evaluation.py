@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,12 @@ from lightning.pytorch.callbacks import Callback
 from antipasto_pl.adapter import quarantine_ablated
 from antipasto_pl.checkpointing import stop_signal
 from antipasto_pl.env.grader import Grade
-from antipasto_pl.env.pairs import Pair, make_pairs
+from antipasto_pl.env.pairs import INTROS, Pair, answer, make_pairs
 from antipasto_pl.env.problem import Problem
+from antipasto_pl.metrics import probe_margin
 from antipasto_pl.seeds import run_seed
 from antipasto_pl.sequences import completion_log_probs, encode_completions
+from antipasto_pl.storage import atomic_write
 
 EVAL_FILE = "eval.json"
 Z95 = 1.959963984540054
@@ -115,12 +117,10 @@ def write_eval(trainer: L.Trainer, report: dict, key: str = "final") -> Path:
     """Merge `report` under `key` into ``<default_root_dir>/eval.json`` (rank 0; written atomically)."""
     path = Path(trainer.default_root_dir) / EVAL_FILE
     if trainer.is_global_zero:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[key] = report
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -142,7 +142,7 @@ class HeldOutEvaluation(Callback):
         items = pl_module.sample_and_grade(problems, n, ablate_quarantine=True)
         report = heldout_summary(items, pl_module.clean_log_likelihood(problems), trainer.global_step)
         write_eval(trainer, report, key)
-        prefix = "test" if key == "final" else f"test_{key}"
+        prefix = "test" if key == "final" else f"test/{key}"
         for logger in trainer.loggers:
             logger.log_metrics(flat_metrics(report, prefix), step=trainer.global_step)
 
@@ -155,26 +155,53 @@ class HeldOutEvaluation(Callback):
             self._evaluate(trainer, pl_module, "final")
 
 
+def completion_log_prob_sums(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],
+    prefills: Sequence[str], chunk: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed log-probability of its completion's tokens after its prompt and prefill, and how many
+    tokens that is: (n,), (n,) on the CPU. `chunk` rows per forward (differentiable: the callers here run it under
+    no_grad, a demonstration loss need not)."""
+    sums, counts = [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), chunk):
+        stop = start + chunk
+        batch = encode_completions(tokenizer, prompts[start:stop], completions[start:stop],
+                                   prefills=prefills[start:stop]).to(device)
+        mask = batch.completion_mask[:, 1:].to(torch.float32)
+        sums.append((completion_log_probs(model, batch) * mask).sum(-1).float())
+        counts.append(mask.sum(-1))
+    return torch.cat(sums).cpu(), torch.cat(counts).cpu()
+
+
 def sequence_log_probs(
     model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Pair], side: str, chunk: int = 8
 ) -> torch.Tensor:
-    """Summed log-probability of each pair's `side` completion ("hack" or "clean") after its prompt and prefill,
-    `chunk` rows per forward (differentiable: the probe calls it under no_grad, a demonstration loss need not)."""
-    # -> (n_pairs,)
-    values = []
-    device = next(model.parameters()).device
-    for start in range(0, len(pairs), chunk):
-        part = pairs[start:start + chunk]
-        batch = encode_completions(tokenizer, [p.prompt for p in part], [getattr(p, side) for p in part],
-                                   prefills=[p.prefill for p in part]).to(device)
-        logp = completion_log_probs(model, batch)
-        values.append((logp * batch.completion_mask[:, 1:]).sum(-1).float())
-    return torch.cat(values).cpu()
+    """Summed log-probability of each pair's `side` completion ("hack" or "clean"): (n_pairs,)."""
+    sums, _ = completion_log_prob_sums(model, tokenizer, [p.prompt for p in pairs], [getattr(p, side) for p in pairs],
+                                       [p.prefill for p in pairs], chunk)
+    return sums
+
+
+@torch.no_grad()
+def clean_log_likelihood(
+    model: torch.nn.Module, tokenizer: Any, problems: Sequence[Problem], prefill: Callable[[Problem], str]
+) -> list[float]:
+    """Per problem, the mean log-probability per token of its canonical solution written as an answer after its
+    prefill (teacher-forced): a quality measure with headroom where the oracle pass rate is near 0. Problems whose
+    canonical cannot follow the prefill have no clean answer and are left out. One row per forward, so a value
+    does not depend on the other problems."""
+    rows = [(p.prompt(), completion, prefill(p)) for p in problems
+            if (completion := answer(p.canonical_solution, INTROS[0], prefill(p))) is not None]
+    if not rows:
+        return []
+    sums, counts = completion_log_prob_sums(model, tokenizer, *map(list, zip(*rows)), chunk=1)
+    return (sums / counts).tolist()
 
 
 class LikelihoodProbe(Callback):
     """Every N steps (and before the first), the held-out minimal pairs' mean margin log p(hack) - log p(clean)
-    under the deployed policy: ``probe/margin`` and ``probe/<mode>/margin``.
+    under the deployed policy: ``test/probe_margin`` and ``test/<mode>/probe_margin``.
 
     The pairs are built on the test split (never trained on, never the detector's), one per problem, in the
     minimal style whatever the detector's style; those within the completion budget are kept, at most
@@ -215,8 +242,8 @@ class LikelihoodProbe(Callback):
         with torch.no_grad(), quarantine_ablated(pl_module.model):
             margin = (sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "hack")
                       - sequence_log_probs(pl_module.model, pl_module.tokenizer, self.pairs, "clean"))
-        metrics = {"probe/margin": margin.mean().item()}
+        metrics = {probe_margin(): margin.mean().item()}
         for mode in sorted({p.mode for p in self.pairs}):
-            metrics[f"probe/{mode}/margin"] = margin[[p.mode == mode for p in self.pairs]].mean().item()
+            metrics[probe_margin(mode)] = margin[[p.mode == mode for p in self.pairs]].mean().item()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

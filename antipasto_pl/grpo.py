@@ -1,4 +1,4 @@
-"""GRPO loss pieces (DESIGN section 7): group advantages, token log-probs, PPO clip, K3 KL, reduction.
+"""GRPO loss pieces (docs/design.md section 7): group advantages, token log-probs, PPO clip, K3 KL, reduction.
 
 Pure tensor functions, free of Lightning, so the loss can be checked by hand. Shapes: B completions
 (P prompts x G completions per group, flattened), T completion-aligned token positions.
@@ -15,67 +15,24 @@ from torch import Tensor
 Reduction = Literal["dr_grpo", "sequence"]
 
 
-def _flat_groups(rewards: Tensor, group_ids: Tensor | None) -> tuple[Tensor, Tensor, int]:
-    """Rewards as a float vector plus a dense group index, whichever of the two layouts was given."""
-    # rewards: (P, G) without group_ids, else (N,) with group_ids: (N,) in [0, n_groups)
-    flat = rewards if rewards.is_floating_point() else rewards.float()
-    if group_ids is None:
-        if rewards.dim() != 2:
-            raise ValueError(f"rewards without group_ids must be (P, G), got shape {tuple(rewards.shape)}")
-        n_groups, group_size = rewards.shape
-        ids = torch.arange(n_groups, device=rewards.device).repeat_interleave(group_size)
-        return flat.reshape(-1), ids, n_groups
-    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(
-            f"rewards and group_ids must both be (N,), got {tuple(rewards.shape)} and {tuple(group_ids.shape)}"
-        )
-    ids = group_ids.long()
-    return flat, ids, int(ids.max()) + 1 if ids.numel() else 0
+def group_advantages(rewards: Tensor, scale_by_std: bool = False, eps: float = 1e-6) -> Tensor:
+    """Dr.GRPO advantage A = R - mean_group(R) per row of a (P, G) reward table; `scale_by_std` divides by the
+    group's sample std (Bessel-corrected, as TRL: classic GRPO).
 
-
-def _group_stats(flat: Tensor, ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-group mean, sample std (Bessel-corrected, as TRL) and whether the rewards vary at all."""
-    # flat, ids: (N,) -> mean, std, varies: (n_groups,)
-    zeros = flat.new_zeros(n_groups)
-    counts = torch.bincount(ids, minlength=n_groups).to(flat.dtype)
-    mean = zeros.index_add(0, ids, flat) / counts.clamp_min(1)
-    squared = zeros.index_add(0, ids, (flat - mean[ids]) ** 2)
-    std = torch.sqrt(squared / (counts - 1).clamp_min(1))
-    highest = zeros.scatter_reduce(0, ids, flat, "amax", include_self=False)
-    lowest = zeros.scatter_reduce(0, ids, flat, "amin", include_self=False)
-    return mean, std, highest > lowest
-
-
-def nonzero_variance_groups(rewards: Tensor, group_ids: Tensor | None = None) -> Tensor:
-    """Which groups carry a learning signal; a group whose rewards are all equal is skipped (no gradient).
-
-    Exact comparison (max > min), not std > eps, so equal rewards are never mistaken for signal.
+    A group whose rewards are all equal (exact comparison, max > min, so equal rewards are never mistaken for
+    signal) gets exactly 0, not a rounding residue of R - mean.
     """
-    # rewards: (P, G) -> (P,) bool; or rewards, group_ids: (N,) -> (n_groups,) bool
-    return _group_stats(*_flat_groups(rewards, group_ids))[2]
-
-
-def group_advantages(
-    rewards: Tensor,
-    group_ids: Tensor | None = None,
-    scale_by_std: bool = False,
-    eps: float = 1e-6,
-) -> Tensor:
-    """Dr.GRPO advantage A = R - mean_group(R); `scale_by_std` divides by the group's sample std
-    (classic GRPO).
-
-    Zero-variance groups get exactly 0 (not a rounding residue of R - mean). A zero advantage still
-    leaves the KL term's gradient, so to skip such groups entirely the caller also zeroes their rows
-    of the completion mask (see `nonzero_variance_groups`); the fixed Dr.GRPO denominator is kept.
-    """
-    # rewards: (P, G) -> (P, G); or rewards, group_ids: (N,) -> (N,)
-    flat, ids, n_groups = _flat_groups(rewards, group_ids)
-    mean, std, varies = _group_stats(flat, ids, n_groups)
-    advantages = flat - mean[ids]
+    # rewards: (P, G) -> (P, G)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (P, G), got shape {tuple(rewards.shape)}")
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    group_size = rewards.shape[1]
+    advantages = rewards - rewards.sum(-1, keepdim=True) / group_size
     if scale_by_std:
-        advantages = advantages / (std[ids] + eps)
-    advantages = torch.where(varies[ids], advantages, torch.zeros_like(advantages))
-    return advantages.reshape(rewards.shape)
+        std = torch.sqrt((advantages**2).sum(-1, keepdim=True) / max(group_size - 1, 1))
+        advantages = advantages / (std + eps)
+    varies = rewards.amax(-1, keepdim=True) > rewards.amin(-1, keepdim=True)
+    return torch.where(varies, advantages, torch.zeros_like(advantages))
 
 
 def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -157,17 +114,6 @@ def per_sequence_loss(
     raise ValueError(f"unknown reduction mode {mode!r}; expected 'dr_grpo' or 'sequence'")
 
 
-def reduce_loss(
-    token_loss: Tensor,
-    completion_mask: Tensor,
-    mode: Reduction = "dr_grpo",
-    denom: float | None = None,
-) -> Tensor:
-    """Scalar loss: the sum of `per_sequence_loss` (see there for the two modes)."""
-    # token_loss, completion_mask: (B, T) -> ()
-    return per_sequence_loss(token_loss, completion_mask, mode, denom).sum()
-
-
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     # values, mask: (B, T) -> ()
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
@@ -194,7 +140,7 @@ def grpo_loss(
     mode: Reduction = "dr_grpo",
     denom: float | None = None,
 ) -> GRPOLoss:
-    """Per token PPO-clip + beta * K3, masked and reduced (DESIGN section 7).
+    """Per token PPO-clip + beta * K3, masked and reduced (docs/design.md section 7).
 
     `logp_old` defaults to logp.detach() (rho = 1: one optimizer step per rollout batch; teacher
     samples have no sampling policy of their own either). `ref_logp` comes from the free reference

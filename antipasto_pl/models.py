@@ -16,8 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +34,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
+
+from antipasto_pl.storage import atomic_write, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,6 @@ class PolicyConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
-
-
-def cache_root(cache_dir: str | None = None) -> Path:
-    """Root of the on-disk cache: converted models, SVD factors, hack subspaces."""
-    root = cache_dir or os.environ.get("ANTIPASTO_CACHE") or Path.home() / ".cache" / "antipasto_pl"
-    return Path(root)
 
 
 def check_decoder_only(config: PretrainedConfig, model_class: str | None = None) -> None:
@@ -224,20 +218,12 @@ def convert_smollm2(cache_dir: str | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
     model.generation_config = quantised.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
+    with atomic_write(target, directory=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "antipasto_source.json").write_text(json.dumps({"gguf": gguf_file, "sha256_prefix": key}))
-        # mkdtemp (and some writers) make files private; the cache is meant to be shared like any model dir
-        staging.chmod(0o755)
-        for item in staging.iterdir():
+        for item in staging.iterdir():  # some writers make files private; the cache is shared like any model dir
             item.chmod(0o644)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

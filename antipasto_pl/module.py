@@ -1,6 +1,8 @@
-"""The GRPO LightningModule: generate -> grade -> loss/backward -> (project: callback) -> clip -> step.
+"""The GRPO LightningModule: experience -> loss/backward -> (project: callback) -> clip -> step.
 
-The frozen base model is rebuilt from its config on every start (``configure_model``);
+The experience (student samples, teacher draws, grades, advantages, micro-batches, frozen log-probs) is built by
+``experience.ExperienceBuilder`` without the Trainer; this module turns it into a loss and an optimizer step,
+logs, evaluates and checkpoints. The frozen base model is rebuilt from its config on every start (``configure_model``);
 checkpoints carry only the adapter vectors, optimizer state and metadata that must match
 the model they are loaded into, plus the global RNG states so a resumed run samples exactly what the
 uninterrupted run would have. Evaluation samples on a forked RNG, so validating (before or after a
@@ -13,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -31,85 +31,44 @@ from antipasto_pl.adapter import (
     adapter_modules,
     check_adapter_metadata,
     quarantine_ablated,
-    reference_policy,
     refresh_merged,
     wrap_model,
 )
 from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
 from antipasto_pl.checkpointing import ExactResume, collect_rng_states, set_rng_states
 from antipasto_pl.env.grader import Grade, Grader
-from antipasto_pl.env.pool import PoolRecord
-from antipasto_pl.env.pairs import INTROS, answer
+from antipasto_pl.env.modes import MODES
+from antipasto_pl.env.pool import TeacherPool
+from antipasto_pl.env.problem import Problem
 from antipasto_pl.evaluation import (
     HeldOutConfig,
     HeldOutEvaluation,
     LikelihoodProbe,
+    clean_log_likelihood,
     flat_metrics,
     heldout_summary,
     write_eval,
 )
-from antipasto_pl.env.modes import MODES
-from antipasto_pl.env.problem import Problem
-from antipasto_pl.grpo import Reduction, group_advantages, grpo_loss
+from antipasto_pl.experience import (
+    SOURCES,
+    STUDENT,
+    Chunk,
+    ExperienceBuilder,
+    Group,
+    shared_prompt_pass,
+    teacher_count,
+)
+from antipasto_pl.grpo import Reduction, grpo_loss
+from antipasto_pl.metrics import GT_S, HACK_S, RATES, SANDBOX_ERRORS, train_rate
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.rollout import KVCacheSampler, Sampler, SamplingConfig
 from antipasto_pl.seeds import run_seed
-from antipasto_pl.sequences import (
-    GroupBatch,
-    PromptState,
-    chat_prompt,
-    completion_log_probs,
-    completion_token_ids,
-    encode_completions,
-    group_batch,
-    group_log_probs,
-    prompt_pass,
-    prompt_token_ids,
-    shares_prompt_cache,
-)
+from antipasto_pl.sequences import PromptState, completion_token_ids, group_log_probs
 
 log = logging.getLogger(__name__)
 
-STUDENT, TEACHER = "s", "t"
-
-
-def teacher_count(group_size: int, mix_ratio: float) -> int:
-    """G_t = floor(G * mix_ratio + 1/2): halves round up (Python's round() would send G=2, mix 0.25 to 0)."""
-    return math.floor(group_size * mix_ratio + 0.5)
-
-
-@dataclass
-class Sample:
-    """One member of a GRPO group: a student sample or a frozen teacher-pool completion."""
-
-    source: str  # STUDENT | TEACHER
-    text: str
-    token_ids: tuple[int, ...]
-    grade: Grade | None = None
-    advantage: float = 0.0
-
-
-@dataclass
-class Group:
-    """All samples for one prompt; a group whose rewards do not vary carries no gradient."""
-
-    problem: Problem
-    prompt_ids: list[int]
-    samples: list[Sample] = field(default_factory=list)
-
-    @property
-    def active(self) -> bool:
-        return any(s.advantage != 0.0 for s in self.samples)
-
-
-class Chunk(NamedTuple):
-    """A micro-batch: rows of one source from the group at index ``group`` of the step's groups."""
-
-    batch: GroupBatch
-    advantages: Tensor  # (B,)
-    group: int
-
+PROGRESS_BAR = (train_rate("reward", STUDENT), HACK_S, GT_S)
 
 @dataclass
 class GradParts:
@@ -132,7 +91,7 @@ class AntipastoModule(L.LightningModule):
             ``ProjectionConfig``); ``intervention: none`` still logs every diagnostic.
         refresh_every: re-extract V every N optimizer steps (None: V stays fixed).
         deploy_eval_every: every N steps, evaluate validation prompts with the quarantine ablated
-            (``hack_deploy``, ``solve_deploy``; for route arms). None: off.
+            (``val/hack_deploy``, ``val/solve_deploy``; for route arms). None: off.
         log_completions_every: every N steps, log sample completions and adapter histograms.
         group_size: G, completions per prompt: ``G - G_t`` student samples plus
             ``G_t = floor(G * mix_ratio + 1/2)`` teacher-pool samples (halves round up: G=2, mix 0.25 gives 1).
@@ -214,12 +173,13 @@ class AntipastoModule(L.LightningModule):
         self.grader: Grader | None = None
         self.grad_parts: GradParts | None = None
         self.last_groups: list[Group] = []
+        self._experience: ExperienceBuilder | None = None
         self._step_loss: Tensor | None = None
         self._loss_stats: dict[str, Tensor] = {}
         self._resume_rng: dict[str, Any] | None = None
         self.over_budget: dict[str, int] = {}  # records and pairs left out for the budget, by source
-        keys = [f"{m}_{s}" for m in ("reward", "hack", "gt", "pass") for s in (STUDENT, TEACHER)]
-        keys += [f"{mode}/{m}_{s}" for mode in MODES for m in ("hack", "gt") for s in (STUDENT, TEACHER)]
+        keys = [train_rate(m, s) for m in RATES for s in SOURCES]
+        keys += [train_rate(m, s, mode) for mode in MODES for m in ("hack", "gt") for s in SOURCES]
         self.rates = nn.ModuleDict({k.replace("/", "__"): MeanMetric() for k in keys})
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -228,7 +188,7 @@ class AntipastoModule(L.LightningModule):
         if self.model is not None:
             return
         model, self.tokenizer = load_policy(self.policy_config)
-        self.adapter_summary = wrap_model(model, self.adapter_config)
+        wrap_model(model, self.adapter_config)
         self.model = model
 
     def setup(self, stage: str) -> None:
@@ -242,20 +202,38 @@ class AntipastoModule(L.LightningModule):
             self.grader = Grader(max_workers=self.hparams.grader_workers)
 
     def on_fit_start(self) -> None:
-        """Serve only the teacher records within the completion budget (the tokenizer exists from here on)."""
-        if not self.n_teacher:
-            return
-        datamodule = self.trainer.datamodule
-        dropped = datamodule.restrict_pool(lambda record: self.fits_budget(record.completion))
-        self.over_budget["pool"] = len(dropped)
-        if dropped:
-            log.warning("teacher pool: %d records over the %d-token completion budget are not served (what is "
-                        "trained must be what was graded)", len(dropped), self.max_completion_tokens)
-        if not len(datamodule.pool):
-            raise ValueError(f"every teacher record is over the {self.max_completion_tokens}-token completion "
-                             "budget: raise model.max_completion_tokens or set model.mix_ratio: 0")
+        """The training experience builder, drawing teachers only from the records within the completion budget
+        (the tokenizer exists from here on)."""
+        pool = None
+        if self.n_teacher:
+            datamodule = self.trainer.datamodule
+            dropped = datamodule.restrict_pool(lambda record: self.fits_budget(record.completion))
+            self.over_budget["pool"] = len(dropped)
+            if dropped:
+                log.warning("teacher pool: %d records over the %d-token completion budget are not served (what is "
+                            "trained must be what was graded)", len(dropped), self.max_completion_tokens)
+            if not len(datamodule.pool):
+                raise ValueError(f"every teacher record is over the {self.max_completion_tokens}-token completion "
+                                 "budget: raise model.max_completion_tokens or set model.mix_ratio: 0")
+            pool = datamodule.pool
+        self._experience = self._experience_builder(self.n_teacher, pool)
+
+    @property
+    def experience(self) -> ExperienceBuilder:
+        """Samples, grades and batches experience; outside fit (validate, test, predict) without teachers."""
+        if self._experience is None:
+            self._experience = self._experience_builder(0, None)
+        return self._experience
+
+    def _experience_builder(self, n_teacher: int, pool: TeacherPool | None) -> ExperienceBuilder:
+        hp = self.hparams
+        return ExperienceBuilder(
+            self.tokenizer, self.sampler, self.sampling, self.grader, self.n_student, n_teacher, pool, run_seed(),
+            hp.scale_advantages_by_std, hp.micro_batch_size,
+        )
 
     def teardown(self, stage: str) -> None:
+        self._experience = None
         if self.grader is not None:
             self.grader.close()
             self.grader = None
@@ -292,109 +270,10 @@ class AntipastoModule(L.LightningModule):
         """Whether a written completion, closed with EOS, is within the completion budget."""
         return len(completion_token_ids(self.tokenizer, completion)) <= self.max_completion_tokens
 
-    # --- generate -----------------------------------------------------------------------------------
-
-    def generate_groups(self, problems: list[Problem]) -> list[Group]:
-        """Student samples on merged weights plus frozen teacher-pool records (with their frozen grades), one
-        group per prompt."""
-        groups = []
-        for problem in problems:
-            group = Group(problem, prompt_token_ids(self.tokenizer, problem.prompt(), self.prefill(problem)))
-            group.samples = [
-                Sample(TEACHER, r.completion, tuple(completion_token_ids(self.tokenizer, r.completion)), r.grade())
-                for r in self.teacher_records(problem)
-            ]
-            groups.append(group)
-        if self.n_student:
-            student = self.sampler(self.model, self.tokenizer, self.contexts(problems), self.n_student, self.sampling)
-            for group, completions in zip(groups, student):
-                group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
-        return groups
-
-    def prefill(self, problem: Problem) -> str:
-        """The text opening this problem's assistant turn (``sampling.prefill`` rendered for it)."""
-        return problem.render_prefill(self.sampling.prefill)
-
-    def contexts(self, problems: list[Problem]) -> list[str]:
-        """The sampler's inputs: chat-formatted prompts, each followed by its prefill."""
-        return [chat_prompt(self.tokenizer, p.prompt(), self.prefill(p)) for p in problems]
-
-    def teacher_records(self, problem: Problem) -> list[PoolRecord]:
-        """G_t frozen pool records, drawn by an RNG keyed on (run seed, step, problem) so a resumed run draws the
-        same ones and every seed its own."""
-        if self.n_teacher == 0:
-            return []
-        rng = random.Random(f"{run_seed()}/{self.global_step}/{problem.id}")
-        return self.trainer.datamodule.pool.sample(problem.id, self.n_teacher, rng)
-
-    # --- grade --------------------------------------------------------------------------------------
-
-    def grade_groups(self, groups: list[Group]) -> None:
-        """Sandboxed grades of the student samples (as prefill + completion; the teachers' are frozen), then
-        advantages from the foolable reward only."""
-        students = [(g.problem, self.prefill(g.problem) + s.text) for g in groups for s in g.samples
-                    if s.source == STUDENT]
-        grades = iter(self.grader.grade_batch(students))
-        for group in groups:
-            for sample in group.samples:
-                if sample.source == STUDENT:
-                    sample.grade = next(grades)
-            rewards = torch.tensor([[s.grade.reward for s in group.samples]])
-            advantages = group_advantages(rewards, scale_by_std=self.hparams.scale_advantages_by_std)[0]
-            for sample, advantage in zip(group.samples, advantages.tolist()):
-                sample.advantage = advantage
-
-    # --- loss ---------------------------------------------------------------------------------------
-
-    def _micro_batches(self, groups: list[Group], source: str) -> list[Chunk]:
-        """Chunks of at most ``micro_batch_size`` rows of one active group and one source. Empty completions
-        are left out: they have no token to score."""
-        size = self.hparams.micro_batch_size
-        chunks = []
-        for index, group in enumerate(groups):
-            rows = [s for s in group.samples if s.source == source and s.token_ids] if group.active else []
-            for start in range(0, len(rows), size):
-                chunk = rows[start:start + size]
-                batch = group_batch(group.prompt_ids, [s.token_ids for s in chunk], self.tokenizer.pad_token_id)
-                advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32)
-                chunks.append(Chunk(batch.to(self.device), advantages.to(self.device), index))
-        return chunks
-
     def _denominator(self, n_prompts: int) -> float:
         if self.hparams.loss_reduction == "dr_grpo":
             return float(self.hparams.group_size * self.max_completion_tokens * n_prompts)
         return float(self.hparams.group_size * n_prompts)
-
-    def _prompt_pass(self, batch: GroupBatch) -> PromptState | None:
-        """The group's prompt forward for its chunks to share (None: the model scores full rows instead)."""
-        return prompt_pass(self.model, batch.prompt_ids) if shares_prompt_cache(self.model) else None
-
-    @torch.no_grad()
-    def _frozen_log_probs(self, chunks: list[Chunk]) -> list[tuple[Tensor | None, Tensor | None]]:
-        """Per chunk: log-probs under the rollout policy (for the PPO ratio, only with several inner
-        iterations) and under the reference (only with a KL term). Each policy runs each group's prompt once
-        for all of that group's chunks (pass the chunks of both sources together)."""
-        want_old, want_ref = self.hparams.ppo_epochs > 1, self.hparams.beta > 0
-        frozen: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * len(chunks)
-        if not (want_old or want_ref):
-            return frozen
-        by_group: dict[int, list[int]] = {}
-        for i, chunk in enumerate(chunks):
-            by_group.setdefault(chunk.group, []).append(i)
-
-        def score(members: list[int]) -> list[Tensor | None]:
-            state = self._prompt_pass(chunks[members[0]].batch)
-            return [group_log_probs(self.model, chunks[i].batch, prompt_state=state) for i in members]
-
-        for members in by_group.values():
-            old: list[Tensor | None] = score(members) if want_old else [None] * len(members)
-            ref: list[Tensor | None] = [None] * len(members)
-            if want_ref:
-                with reference_policy(self.model):
-                    ref = score(members)
-            for i, o, r in zip(members, old, ref):
-                frozen[i] = (o, r)
-        return frozen
 
     def backward_groups(self, chunks_by_source: dict[str, list[Chunk]], frozen: dict[str, list], n_prompts: int) -> Tensor:
         """Loss and backward, students first, so the student gradient can be read off before the teacher's
@@ -411,14 +290,14 @@ class AntipastoModule(L.LightningModule):
         total = torch.zeros((), device=self.device)
         stats: dict[str, list[Tensor]] = {}
         student_grad: dict[str, Tensor] = {}
-        order = [chunk for source in (STUDENT, TEACHER) for chunk in chunks_by_source[source]]
+        order = [chunk for source in SOURCES for chunk in chunks_by_source[source]]
         last_use = {chunk.group: position for position, chunk in enumerate(order)}
         states: dict[int, PromptState | None] = {}
         position = 0
-        for source in (STUDENT, TEACHER):
+        for source in SOURCES:
             for (batch, advantages, group), (old, ref) in zip(chunks_by_source[source], frozen[source]):
                 if group not in states:
-                    states[group] = self._prompt_pass(batch)
+                    states[group] = shared_prompt_pass(self.model, batch)
                 state = states[group]
                 logp = group_log_probs(self.model, batch, prompt_state=state)
                 out = grpo_loss(
@@ -452,40 +331,30 @@ class AntipastoModule(L.LightningModule):
     # --- the step -----------------------------------------------------------------------------------
 
     def training_step(self, batch: list[Problem], batch_idx: int) -> Tensor:
+        """Experience (``ExperienceBuilder``) -> per PPO epoch: loss/backward -> optimizer step (the projection
+        and clipping run inside it, in ``on_before_optimizer_step``) -> logs."""
         optimizer = self.optimizers()
-        clock = time.perf_counter()
-        seconds = {"generate": 0.0, "grade_wait": 0.0, "loss_backward": 0.0, "optimizer": 0.0}
-
-        def lap(key: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            seconds[key] += now - clock
-            clock = now
-
-        groups = self.generate_groups(batch)
-        lap("generate")
-        self.grade_groups(groups)
-        lap("grade_wait")
-        self.last_groups = groups
-        chunks = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
-        # Both sources at once, so the frozen policies run each group's prompt once.
-        flat = self._frozen_log_probs(chunks[STUDENT] + chunks[TEACHER])
-        n_student = len(chunks[STUDENT])
-        frozen = {STUDENT: flat[:n_student], TEACHER: flat[n_student:]}
+        hp = self.hparams
+        experience = self.experience.build(self.model, batch, self.global_step, want_old=hp.ppo_epochs > 1,
+                                           want_ref=hp.beta > 0)
+        groups = self.last_groups = experience.groups
+        seconds = {**experience.seconds, "loss_backward": 0.0, "optimizer": 0.0}
         loss = torch.zeros((), device=self.device)
-        for _ in range(self.hparams.ppo_epochs):
+        for _ in range(hp.ppo_epochs):
+            clock = time.perf_counter()
             optimizer.zero_grad(set_to_none=False)
-            loss = self._step_loss = self.backward_groups(chunks, frozen, len(batch))
-            lap("loss_backward")
+            loss = self._step_loss = self.backward_groups(experience.chunks, experience.frozen, len(batch))
+            seconds["loss_backward"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             optimizer.step()
             refresh_merged(self.model)  # the next forward (sampling or scoring) runs on the new weights
-            lap("optimizer")
+            seconds["optimizer"] += time.perf_counter() - clock
         n_active = sum(g.active for g in groups)
         # After the step: in the first step of a fit, Lightning drops what training_step logged before the
         # optimizer hooks logged theirs.
         self.log_rates(groups)
         sandbox_errors = sum(s.grade.error == "sandbox" for g in groups for s in g.samples)
-        self.log("train/sandbox_errors", float(sandbox_errors), reduce_fx="sum", batch_size=1)
+        self.log(SANDBOX_ERRORS, float(sandbox_errors), reduce_fx="sum", batch_size=1)
         for key, value in self._loss_stats.items():
             self.log(f"train/{key}", value, batch_size=len(batch))
         self.log("train/loss", loss, batch_size=len(batch))
@@ -541,9 +410,9 @@ class AntipastoModule(L.LightningModule):
                 grade = s.grade
                 for name, value in (("reward", grade.reward), ("hack", grade.exploited),
                                     ("gt", grade.gt_correct), ("pass", grade.passed)):
-                    per_key.setdefault(f"{name}_{s.source}", []).append(float(value))
-                per_key.setdefault(f"{mode}/hack_{s.source}", []).append(float(grade.exploited))
-                per_key.setdefault(f"{mode}/gt_{s.source}", []).append(float(grade.gt_correct))
+                    per_key.setdefault(train_rate(name, s.source), []).append(float(value))
+                per_key.setdefault(train_rate("hack", s.source, mode), []).append(float(grade.exploited))
+                per_key.setdefault(train_rate("gt", s.source, mode), []).append(float(grade.gt_correct))
         for name, metric in self.rates.items():
             key = name.replace("__", "/")
             values = torch.tensor(per_key.get(key, [0.0]), device=self.device)
@@ -551,7 +420,7 @@ class AntipastoModule(L.LightningModule):
             rate = metric.compute()
             metric.reset()
             if not torch.isnan(rate):
-                self.log(key, rate, prog_bar=key in ("reward_s", "hack_s", "gt_s"), batch_size=values.numel())
+                self.log(key, rate, prog_bar=key in PROGRESS_BAR, batch_size=values.numel())
 
     # --- evaluation ---------------------------------------------------------------------------------
 
@@ -567,28 +436,12 @@ class AntipastoModule(L.LightningModule):
         prefill + completion: (problem, completion, grade) in problem order."""
         ablation = quarantine_ablated(self.model) if ablate_quarantine else contextlib.nullcontext()
         with self.forked_rng(), ablation:
-            samples = self.sampler(self.model, self.tokenizer, self.contexts(problems), n, self.sampling)
-        items = [(p, c.text) for p, completions in zip(problems, samples) for c in completions]
-        grades = self.grader.grade_batch([(p, self.prefill(p) + text) for p, text in items])
-        return [(p, text, grade) for (p, text), grade in zip(items, grades)]
+            return self.experience.sample_and_grade(self.model, problems, n)
 
-    @torch.no_grad()
-    def clean_log_likelihood(self, problems: list[Problem], ablate_quarantine: bool = True) -> list[float]:
-        """Per problem, the mean log-probability per token of its canonical solution written as an answer after
-        the prefill (teacher-forced): a quality measure with headroom where the oracle pass rate is near 0."""
-        ablation = quarantine_ablated(self.model) if ablate_quarantine else contextlib.nullcontext()
-        values = []
-        with ablation:
-            for p in problems:
-                prefill = self.prefill(p)
-                completion = answer(p.canonical_solution, INTROS[0], prefill)
-                if completion is None:  # a canonical that cannot follow the prefill has no clean answer to score
-                    continue
-                batch = encode_completions(self.tokenizer, [p.prompt()], [completion], prefills=[prefill])
-                mask = batch.completion_mask[:, 1:].to(torch.float32)
-                logp = completion_log_probs(self.model, batch.to(self.device)).cpu()
-                values.append(float((logp * mask).sum() / mask.sum()))
-        return values
+    def clean_log_likelihood(self, problems: list[Problem]) -> list[float]:
+        """``evaluation.clean_log_likelihood`` of the deployed policy (quarantine ablated)."""
+        with quarantine_ablated(self.model):
+            return clean_log_likelihood(self.model, self.tokenizer, problems, self.experience.prefill)
 
     def evaluate(self, problems: list[Problem], ablate_quarantine: bool = False) -> dict[str, float]:
         """Hack and solve rates of fresh student samples on ``problems`` (optionally the deployed view)."""
@@ -624,7 +477,7 @@ class AntipastoModule(L.LightningModule):
     def predict_step(self, batch: list[Problem], batch_idx: int) -> list[dict[str, Any]]:
         items = self.sample_and_grade(batch, self.hparams.eval_samples_per_prompt)
         return [
-            {"problem_id": p.id, "mode": p.mode, "prefill": self.prefill(p), "completion": text, "reward": g.reward,
+            {"problem_id": p.id, "mode": p.mode, "prefill": self.experience.prefill(p), "completion": text, "reward": g.reward,
              "passed": g.passed, "gt_correct": g.gt_correct, "exploited": g.exploited}
             for p, text, g in items
         ]

@@ -218,9 +218,12 @@ class HackProjection(Callback):
             if parts is not None:
                 stats["cin_s"].append(hack_cosine(parts.student[name], v_ref))
                 stats["cin_t"].append(hack_cosine(parts.teacher[name], v_ref))
-        self._before_step = {name: torch.stack([adapters[name].delta_s.detach().clone(),
-                                                adapters[name].delta_s_hack.detach().clone()])
-                             for name in set(reference) | set(self.subspace.v_hack)}
+        # In model order: the leak and quarantine norms reduce over these, so the order must not depend on the
+        # process (a set's order follows the string hash seed, and float sums follow the order).
+        self._before_step = {
+            name: torch.stack([adapter.delta_s.detach().clone(), adapter.delta_s_hack.detach().clone()])
+            for name, adapter in adapters.items() if name in reference or name in self.subspace.v_hack
+        }
         for key, values in stats.items():
             if values:
                 pl_module.log(f"proj/{key}", torch.stack(values).float().mean(), prog_bar=key == "cin_s",

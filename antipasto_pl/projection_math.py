@@ -1,15 +1,12 @@
-"""Hack-subspace projection of a gradient (DESIGN section 4): the math under the projection Callback.
+"""Hack-subspace projection of a gradient (docs/design.md section 4): the math under the projection Callback.
 
 V (`v_hack`) has orthonormal rows oriented hack-ward: a loss gradient g with v.g > 0 is one whose
-descent step -lr*g moves toward hacking. Every function broadcasts over leading dims, so many
-modules can be handled at once by zero-padding with `stack_padded` (zero rows of V and zero
-coordinates of g change nothing).
+descent step -lr*g moves toward hacking. Every function broadcasts over leading dims.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -99,7 +96,7 @@ def fired(coeffs: Tensor) -> Tensor:
 def null_cosine_level(k: int, r: int) -> float:
     """E[hack_cosine(g, V)] for g uniform on the unit sphere of R^r and any k orthonormal rows.
 
-    The null line for cin / cout. DESIGN's sqrt(k/r) is the RMS of ||V g|| without relu
+    The null line for cin / cout. docs/design.md's sqrt(k/r) is the RMS of ||V g|| without relu
     (E||V g||^2 = k/r); with the relu each coordinate survives half the time, so the RMS of cin is
     sqrt(k/(2r)), and its mean is lower still for small k (a single row is 0 half the time). This
     returns the exact mean, the right comparison for a logged average of cin:
@@ -137,19 +134,3 @@ def update_leak(delta_before: Tensor, delta_after: Tensor, v_hack: Tensor) -> Te
     """
     # delta_before, delta_after: (..., r), v_hack: (..., k, r) -> (...)
     return hack_cosine(delta_before - delta_after, v_hack)
-
-
-def stack_padded(tensors: Sequence[Tensor]) -> Tensor:
-    """Stack same-rank tensors of different sizes, zero-padding every dim to the largest.
-
-    For batching modules of different r and k: padded g coordinates and V rows / columns are zero,
-    so every function here gives the per-module result on the unpadded part and zeros elsewhere.
-    """
-    # tensors: M x (r_m,) or M x (k_m, r_m) -> (M, r_max) or (M, k_max, r_max)
-    if not tensors or len({t.dim() for t in tensors}) != 1:
-        raise ValueError("stack_padded needs a non-empty list of tensors of the same rank")
-    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-    out = tensors[0].new_zeros(len(tensors), *shape)
-    for i, tensor in enumerate(tensors):
-        out[(i, *(slice(0, size) for size in tensor.shape))] = tensor
-    return out

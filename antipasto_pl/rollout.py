@@ -32,7 +32,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from antipasto_pl.adapter import merged_weights
-from antipasto_pl.sequences import shares_prompt_cache
+from antipasto_pl.sequences import shares_prompt_cache, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class KVCacheSampler:
                 live = [live[i] for i in keep]
             attention[:, width + step] = 1
             logits = model(input_ids=tokens[:, None], attention_mask=attention[:, : width + step + 1],
-                           position_ids=positions[:, None] + step, past_key_values=cache, use_cache=True).logits[:, -1]
+                           position_ids=positions[:, None] + step, **with_cache(model, cache), use_cache=True).logits[:, -1]
         samples = [_completion(tokenizer, i, lp) for i, lp in zip(ids, log_probs)]
         return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(contexts))]
 
@@ -304,7 +304,7 @@ class KVCacheSampler:
         for index, prompt in enumerate(prompts):
             prompt_cache = DynamicCache(config=model.config)
             ids = torch.tensor([prompt], device=model.device)
-            first.append(model(input_ids=ids, past_key_values=prompt_cache, use_cache=True,
+            first.append(model(input_ids=ids, **with_cache(model, prompt_cache), use_cache=True,
                                logits_to_keep=1).logits[0, -1].float())
             rows = slice(index * num_samples, (index + 1) * num_samples)
             for number, layer in enumerate(prompt_cache.layers):

@@ -9,6 +9,8 @@ after another, share it too.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,13 +98,6 @@ def completion_log_probs(model: nn.Module, batch: CompletionBatch) -> Tensor:
     return token_log_probs(logits, batch.input_ids)
 
 
-def completion_nll(model: nn.Module, batch: CompletionBatch) -> Tensor:
-    """Mean teacher-forced NLL per completion token for each row: (B,)."""
-    mask = batch.completion_mask[:, 1:].to(torch.float32)
-    logp = completion_log_probs(model, batch)
-    return -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
-
-
 @dataclass
 class GroupBatch:
     """Completions of one prompt: the prompt once, the completions right-padded.
@@ -159,19 +154,17 @@ def prompt_pass(model: nn.Module, prompt_ids: Tensor) -> PromptState:
     if not shares_prompt_cache(model):
         raise ValueError(f"{type(model).__name__} caches more than plain keys and values; its prompt cannot be shared")
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=prompt_ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=prompt_ids[None], **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     first_logp = torch.log_softmax(logits[0, -1].to(compute_dtype), dim=-1)  # (V,)
     return PromptState([(layer.keys, layer.values) for layer in cache.layers], first_logp)
 
 
-def group_log_probs(
-    model: nn.Module, batch: GroupBatch, share_prompt: bool = True, prompt_state: PromptState | None = None
-) -> Tensor:
+def group_log_probs(model: nn.Module, batch: GroupBatch, prompt_state: PromptState | None = None) -> Tensor:
     """log p of each completion token given the prompt and the completion before it: (B, Lc),
     aligned with ``batch.completion_mask`` (padding entries are finite and meaningless).
 
-    With ``share_prompt`` the prompt runs once and its key/value cache is repeated to the rows
+    The prompt runs once and its key/value cache is repeated to the rows
     (gradients flow back through the repeat into the prompt's forward); models whose cache holds
     more than plain keys and values (GatedDeltaNet's recurrent state, sliding windows) fall back
     to full ``prompt + completion`` rows. Either way logits are computed at completion positions only.
@@ -184,9 +177,20 @@ def group_log_probs(
         if prompt_state.length != batch.prompt_ids.shape[0]:
             raise ValueError(f"prompt state of {prompt_state.length} tokens for a {batch.prompt_ids.shape[0]}-token prompt")
         return _shared_prompt_log_probs(model, batch, prompt_state)
-    if share_prompt and shares_prompt_cache(model):
+    if shares_prompt_cache(model):
         return _shared_prompt_log_probs(model, batch, prompt_pass(model, batch.prompt_ids))
     return _full_row_log_probs(model, batch)
+
+
+def with_cache(model: nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The forward keyword argument that hands `model` a key/value cache: ``cache`` where its forward takes one
+    (transformers renamed ``past_key_values``, which it warns will go in 5.40), else ``past_key_values``."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def shares_prompt_cache(model: nn.Module) -> bool:
@@ -211,7 +215,7 @@ def _shared_prompt_log_probs(model: nn.Module, batch: GroupBatch, state: PromptS
         attention_mask = torch.cat([inputs.new_ones(n_rows, start), batch.completion_mask[:, :-1]], dim=1)
         positions = torch.arange(start, start + width - 1, device=inputs.device)[None].expand(n_rows, -1)
         rest = model(input_ids=inputs, attention_mask=attention_mask, position_ids=positions,
-                     past_key_values=cache, use_cache=True).logits  # (B, Lc-1, V)
+                     **with_cache(model, cache), use_cache=True).logits  # (B, Lc-1, V)
         logp.append(target_log_probs(rest, batch.completion_ids[:, 1:]))
     return torch.cat(logp, dim=1)
 

@@ -1,4 +1,4 @@
-"""Extracting the hack subspace V from a live model (DESIGN section 3): pair gradients, per-module bases,
+"""Extracting the hack subspace V from a live model (docs/design.md section 3): pair gradients, per-module bases,
 negative controls, safetensors io and a content-keyed cache.
 
 The per-module math (SVD, orientation, floors, controls) is in `vhack_math`; this module feeds it the
@@ -12,9 +12,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +27,8 @@ from transformers import PreTrainedTokenizerBase
 from antipasto_pl.adapter import adapter_metadata, adapter_modules, quarantine_ablated, row_delta_probes
 from antipasto_pl.env.pairs import Pair
 from antipasto_pl.grpo import target_log_probs
-from antipasto_pl.models import cache_root
 from antipasto_pl.sequences import CompletionBatch, encode_completions
+from antipasto_pl.storage import atomic_write, cache_root
 from antipasto_pl.vhack_math import apply_noise_floor, hack_basis_from_pair_grads, random_basis, shuffle_pair_labels
 
 log = logging.getLogger(__name__)
@@ -272,21 +269,13 @@ class HackSubspace:
 
     def save(self, path: str | Path) -> None:
         """Write V, singular values and provenance to a safetensors file, atomically (tmp file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name in self.v_hack:
             tensors[f"{name}.v_hack"] = self.v_hack[name].detach().float().cpu().contiguous()
             tensors[f"{name}.singular_values"] = self.singular_values[name].detach().float().cpu().contiguous()
         header = {"format": VHACK_FORMAT, "weight_hashes": self.weight_hashes, "metadata": self.metadata}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_write(path) as tmp:
             save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(header)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module | None = None) -> HackSubspace:
@@ -477,67 +466,3 @@ def load_or_extract(
     subspace.save(path)
     log.info("extracted hack subspace (%s, k=%d) into %s", settings.kind, settings.k, path)
     return subspace
-
-
-# --- CLI ------------------------------------------------------------------------------------------------------
-
-
-def format_summary(subspace: HackSubspace) -> str:
-    """One line per module: name, rows kept, top singular value."""
-    width = max((len(name) for name in subspace.modules), default=6)
-    lines = [f"{'module':<{width}}  {'k':>3}  {'top_sv':>10}"]
-    for name in subspace.modules:
-        s = subspace.singular_values[name]
-        lines.append(f"{name:<{width}}  {s.numel():>3}  {s.max().item():>10.4g}")
-    return "\n".join(lines)
-
-
-def extract_vhack_command(
-    train_config: str | list[str],
-    out: str | None = None,
-    k: int | None = None,
-    kind: SubspaceKind | None = None,
-    tau_axis: float | None = None,
-    length_norm: LengthNorm | None = None,
-) -> Path:
-    """Extract the hack subspace V for a training config, exactly as `antipasto fit` would, and save it.
-
-    The policy, adapter, pairs and projection settings come from the same YAML files that
-    `antipasto fit --config` takes (a preset and an arm overlay, say), so V matches the run it is meant
-    for; the result lands in the extraction cache, where that run will find it.
-
-    Args:
-        train_config: training YAML file, or a list of them applied in order (as for
-            `antipasto fit --config A --config B`: `--train_config '[A, B]'`; jsonargparse reserves
-            `--config` for this command's own arguments).
-        out: also write the subspace to this .safetensors path.
-        k: override model.projection.k (rows kept per module).
-        kind: override model.projection.subspace: real, or a control: random, shuffled, nonhack.
-        tau_axis: override model.projection.tau_axis.
-        length_norm: override model.projection.length_norm (mean or sum).
-    """
-    from antipasto_pl.cli import AntipastoCLI
-    from antipasto_pl.projection import HackProjection
-
-    # Pairs do not depend on the teacher pool: skip building one.
-    configs = [train_config] if isinstance(train_config, str) else train_config
-    args = [arg for path in configs for arg in ("--config", path)] + ["--data.use_pool", "false"]
-    for name, value in (("k", k), ("subspace", kind), ("tau_axis", tau_axis), ("length_norm", length_norm)):
-        if value is not None:
-            args += [f"--model.projection.{name}", str(value)]
-    with warnings.catch_warnings():  # `args` is deliberate here, not a mix-up with sys.argv
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = AntipastoCLI(args=args, run=False)
-    module, datamodule = cli.model, cli.datamodule
-    module.configure_model()
-    module.model.to(cli.trainer.strategy.root_device)
-    datamodule.setup("fit")
-    projection = HackProjection(module.projection_config)
-    subspace = projection.extract(module, datamodule)
-    path = projection.cache_file(module, datamodule)
-    if out is not None:
-        path = Path(out)
-        subspace.save(path)
-    print(format_summary(subspace))
-    print(f"hack subspace ({subspace.metadata.get('kind')}, {len(subspace.modules)} modules): {path}")
-    return path

@@ -1,4 +1,4 @@
-"""Hack subspace V from pair gradients (DESIGN section 3): SVD, orientation, floors, controls, overlap.
+"""Hack subspace V from pair gradients (docs/design.md section 3): SVD, orientation, floors, controls, overlap.
 
 Pure tensor functions; computing the pair gradients and caching V live elsewhere. One module at a
 time: g_hack, g_clean are the (n_pairs, r) gradients on that module's delta_s.
@@ -17,7 +17,7 @@ def orient_rows_hackward(v_hack: Tensor, diffs: Tensor) -> Tensor:
 
     A row is flipped when more pairs have D_j . v_i < 0 than > 0; pairs with D_j . v_i == 0 abstain.
     Ties are broken by the sign of sum_j D_j . v_i, so the result never depends on the arbitrary
-    sign LAPACK gives a singular vector (DESIGN's "flip if fewer than half are positive" is the same
+    sign LAPACK gives a singular vector (docs/design.md's "flip if fewer than half are positive" is the same
     rule when nobody abstains, except that it leaves exact ties to that arbitrary sign).
     """
     # v_hack: (k, r), diffs: (n, r) -> (k, r)

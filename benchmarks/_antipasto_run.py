@@ -11,17 +11,17 @@ import lightning as L
 import torch
 from _common import SMOLLM2, timed
 
-import antipasto_pl.module as module_lib
+import antipasto_pl.experience as experience_lib
 from antipasto_pl.data import AntipastoDataModule
 from antipasto_pl.env.problem import Problem
-from antipasto_pl.grpo import _flat_groups, nonzero_variance_groups
 from antipasto_pl.models import PolicyConfig
 from antipasto_pl.module import AntipastoModule
 from antipasto_pl.projection import ProjectionConfig
 from antipasto_pl.rollout import SamplingConfig
 
 JITTER = 1e-3
-PIECES = ("generate_groups", "grade_groups", "backward_groups")
+# The step pieces timed: the experience builder's generate and grade, the module's loss/backward.
+PIECES = ("generate", "grade", "backward_groups")
 
 
 class StepTimer(L.Callback):
@@ -37,10 +37,15 @@ class StepTimer(L.Callback):
         self._start = 0.0
 
     def wrap_pieces(self, module: AntipastoModule) -> None:
-        """Time the module's generate / grade / backward methods (instance attributes shadow the methods)."""
-        for name in PIECES:
-            if callable(getattr(module, name, None)):
-                setattr(module, name, timed(getattr(module, name), self.calls[name]))
+        """Time the module's backward and, once the fit has built it, its experience builder's generate and grade
+        (instance attributes shadow the methods)."""
+        self._module = module
+        setattr(module, "backward_groups", timed(module.backward_groups, self.calls["backward_groups"]))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "_module", None) is pl_module:
+            for name in ("generate", "grade"):
+                setattr(pl_module.experience, name, timed(getattr(pl_module.experience, name), self.calls[name]))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -61,7 +66,7 @@ class StepTimer(L.Callback):
 class ForceActive:
     """Replace the zero advantages of a zero-variance group by a tiny zero-mean +-JITTER pattern, so every group
     carries a gradient and every step runs its backward, as every TRL step does. Rewards (and their logs) are
-    untouched. Installed by patching ``antipasto_pl.module.group_advantages``."""
+    untouched. Installed by patching ``antipasto_pl.experience.group_advantages``."""
 
     calls: int = 0
     jittered_groups: int = 0
@@ -69,33 +74,27 @@ class ForceActive:
     _original: Any = field(default=None, repr=False)
 
     def __enter__(self) -> ForceActive:
-        self._original = module_lib.group_advantages
+        self._original = experience_lib.group_advantages
 
-        def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None = None, *args: Any,
-                             **kwargs: Any) -> torch.Tensor:
-            advantages = self._original(rewards, group_ids, *args, **kwargs)
-            varies = nonzero_variance_groups(rewards, group_ids)
+        def group_advantages(rewards: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            advantages = self._original(rewards, *args, **kwargs).clone()  # (P, G)
+            varies = rewards.amax(-1) > rewards.amin(-1)
             self.calls += 1
             self.groups += int(varies.numel())
-            if bool(varies.all()):
-                return advantages
-            flat = advantages.reshape(-1).clone()
-            _, ids, _ = _flat_groups(rewards, group_ids)
             for g in (~varies).nonzero().flatten().tolist():
-                rows = (ids == g).nonzero().flatten()
-                signs = torch.ones(len(rows), dtype=flat.dtype, device=flat.device)
+                signs = torch.ones(rewards.shape[1], dtype=advantages.dtype, device=advantages.device)
                 signs[1::2] = -1.0
-                if len(rows) % 2:
+                if rewards.shape[1] % 2:
                     signs[-1] = 0.0
-                flat[rows] = signs * JITTER
+                advantages[g] = signs * JITTER
                 self.jittered_groups += 1
-            return flat.reshape(advantages.shape)
+            return advantages
 
-        module_lib.group_advantages = group_advantages
+        experience_lib.group_advantages = group_advantages
         return self
 
     def __exit__(self, *exc: object) -> None:
-        module_lib.group_advantages = self._original
+        experience_lib.group_advantages = self._original
 
 
 def make_module(group_size: int, mix_ratio: float, max_new_tokens: int, micro_batch_size: int = 8,

@@ -8,8 +8,8 @@ steps        real optimizer steps under the Lightning Trainer (timing Callback o
              the step: `HackProjection.on_before_optimizer_step` plus its optimizer post-step hook (the
              update-leak measurement), against the whole step (target: at most 2%). The same steps give the
              grading share: the module's `time/grade` log when it has one, else the time inside
-             `AntipastoModule.grade_groups`, against the whole step; `time/generate` and `time/backward`
-             (or the time inside `generate_groups` / `backward_groups`) are shown beside it.
+             `ExperienceBuilder.grade`, against the whole step; `time/generate` and `time/backward`
+             (or the time inside `generate` / `backward_groups`) are shown beside it.
 diagnostics  the student/teacher gradient split (`GradParts`) against the same rows scored without it. The
              module splits by scoring the students' micro-batches and calling backward, cloning every
              `delta_s.grad`, then scoring the teachers' micro-batches (the teacher part is the difference).
@@ -66,7 +66,8 @@ from _common import (
 )
 
 from antipasto_pl.adapter import AdapterConfig, adapter_modules, wrap_model
-from antipasto_pl.module import STUDENT, TEACHER, AntipastoModule
+from antipasto_pl.experience import STUDENT, TEACHER, frozen_log_probs
+from antipasto_pl.module import AntipastoModule
 from antipasto_pl.projection import HackProjection
 
 PARTS = ("steps", "diagnostics", "extraction", "memory")
@@ -167,15 +168,16 @@ class SplitCost(AntipastoModule):
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
-        groups = self.generate_groups(batch)
-        self.grade_groups(groups)
+        build, device = self.experience, self.device
+        groups = build.generate(self.model, batch, self.global_step)
+        build.grade(groups)
         self.last_groups = groups
-        split = {source: self._micro_batches(groups, source) for source in (STUDENT, TEACHER)}
+        split = {source: build.micro_batches(groups, source, device) for source in (STUDENT, TEACHER)}
         teachers = [s for g in groups for s in g.samples if s.source == TEACHER]
         for sample in teachers:  # every row scored as one source: shared micro-batches, one clone
             sample.source = STUDENT
         try:
-            unsplit = {STUDENT: self._micro_batches(groups, STUDENT), TEACHER: []}
+            unsplit = {STUDENT: build.micro_batches(groups, STUDENT, device), TEACHER: []}
         finally:
             for sample in teachers:
                 sample.source = TEACHER
@@ -184,7 +186,8 @@ class SplitCost(AntipastoModule):
         loss = torch.zeros(())
         for name in order:
             chunks = variants[name]
-            frozen = {source: self._frozen_log_probs(c) for source, c in chunks.items()}
+            frozen = {source: frozen_log_probs(self.model, c, self.hparams.ppo_epochs > 1, self.hparams.beta > 0)
+                      for source, c in chunks.items()}
             optimizer.zero_grad(set_to_none=False)
             start = time.perf_counter()
             loss = self._step_loss = self.backward_groups(chunks, frozen, len(batch))

@@ -1,4 +1,4 @@
-"""The SVD adapter on real tiny transformers models (DESIGN section 2)."""
+"""The SVD adapter on real tiny transformers models (docs/design.md section 2)."""
 
 from __future__ import annotations
 

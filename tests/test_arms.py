@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 DIAGNOSTICS = {
-    "reward_s", "hack_s", "gt_s", "reward_t", "hack_t", "gt_t", "train/loss", "train/grad_norm",
+    "train/reward_s", "train/hack_s", "train/gt_s", "train/reward_t", "train/hack_t", "train/gt_t", "train/loss",
+    "train/grad_norm", "env/sandbox_errors",
     "proj/cin", "proj/cout", "proj/cin_s", "proj/cin_t", "proj/fired", "proj/null", "proj/leak",
     "proj/delta_s_hack_norm", "proj/removed_energy",
 }
@@ -44,9 +45,12 @@ def test_arm_fits_and_logs_every_diagnostic(tmp_path: Path, arm: str) -> None:
     logged = fit(tmp_path, "--config", str(CONFIGS / "arms" / f"{arm}.yaml"), "--model.deploy_eval_every=2")
     missing = DIAGNOSTICS - logged.keys()
     assert not missing, f"{arm} did not log {sorted(missing)}"
-    assert all(len(logged[key]) == 3 for key in ("proj/cin", "proj/leak", "reward_s"))
-    assert any("/hack_s" in key for key in logged) and any("/gt_t" in key for key in logged)
-    assert {"hack_deploy", "solve_deploy", "val/hack", "val/solve"} <= logged.keys()
+    assert all(len(logged[key]) == 3 for key in ("proj/cin", "proj/leak", "train/reward_s"))
+    assert any(key.startswith("train/") and key.endswith("/hack_s") and key != "train/hack_s" for key in logged)
+    assert any(key.startswith("train/") and key.endswith("/gt_t") and key != "train/gt_t" for key in logged)
+    assert {"val/hack_deploy", "val/solve_deploy", "val/hack", "val/solve"} <= logged.keys()
+    namespaces = {"train", "val", "test", "proj", "time", "env"}
+    assert {key.partition("/")[0] for key in logged if "/" in key} <= namespaces | {"__text__", "__histograms__"}
     assert "samples/text_summary" in logged["__text__"] and "delta_s" in logged["__histograms__"]
     if arm in ("erase", "erase_refresh"):
         assert max(logged["proj/cout"]) < 1e-5  # one-sided erase leaves no hack-ward component
@@ -62,13 +66,13 @@ def test_arm_fits_and_logs_every_diagnostic(tmp_path: Path, arm: str) -> None:
 
 def test_pure_student_grpo_needs_no_pool(tmp_path: Path) -> None:
     logged = fit(tmp_path, "--model.mix_ratio=0", "--model.group_size=2", "--data.use_pool=false")
-    assert len(logged["reward_s"]) == 3 and "reward_t" not in logged and "proj/cin_t" in logged
+    assert len(logged["train/reward_s"]) == 3 and "train/reward_t" not in logged and "proj/cin_t" in logged
 
 
 def test_kl_and_ppo_inner_iterations(tmp_path: Path) -> None:
     logged = fit(tmp_path, "--model.ppo_epochs=2", "--model.beta=0.05", "--config", str(CONFIGS / "arms" / "erase.yaml"))
     # max_steps counts optimizer steps: two rollout batches of two (projected) steps each
-    assert len(logged["reward_s"]) == 2 and len(logged["proj/cin"]) == 2
+    assert len(logged["train/reward_s"]) == 2 and len(logged["proj/cin"]) == 2
     assert any(abs(rho - 1) > 1e-6 for rho in logged["train/rho_mean"])  # the 2nd iteration sees a moved policy
     assert all(kl >= 0 for kl in logged["train/kl_mean"]) and max(logged["train/kl_mean"]) > 0
 

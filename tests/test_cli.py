@@ -80,7 +80,7 @@ def test_smoke_fit_logs_and_checkpoints_only_the_adapter(tmp_path: Path) -> None
     run_dir = fit(tmp_path, steps=3)
     # Every served teacher record passes its grader (graded whole, never cut), so the teachers' mean reward is
     # exactly 1.25 at every step; a truncated or re-graded record would show here.
-    assert scalars(run_dir, "reward_t") == [1.25, 1.25, 1.25]
+    assert scalars(run_dir, "train/reward_t") == [1.25, 1.25, 1.25]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["policy"]["name"] == "tiny-llama"
     assert not (run_dir / "checkpoints").exists()  # in <default_root_dir>/checkpoints, where `--ckpt_path last` looks
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)

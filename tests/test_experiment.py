@@ -17,9 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from antipasto_pl.cli import main
-from antipasto_pl.experiment import DONE_FILE, LAST_CKPT, RUN_FILE, RunSpec, plan_runs, run_state
+from antipasto_pl.commands.experiment import DONE_FILE, LAST_CKPT, RUN_FILE, RunSpec, plan_runs, run_state
 from antipasto_pl.evaluation import EVAL_FILE, rate, wilson_interval
-from antipasto_pl.report import (
+from antipasto_pl.metrics import current_name
+from antipasto_pl.commands.report import (
     Run,
     bootstrap_ci,
     first_steps,
@@ -40,7 +41,7 @@ CHEAP = "--override=[data.pool_per_prompt=2]"
 
 
 def experiment(out: Path, *args: str) -> None:
-    main(["experiment", f"--train_config={SMOKE}", f"--out={out}", CHEAP, *args])
+    main(["experiment", "--config", SMOKE, f"--out={out}", CHEAP, *args])
 
 
 def versions(run_dir: Path) -> list[str]:
@@ -112,7 +113,7 @@ def evaluation(hack: int, passed: int = 0, n: int = 64, logp: float = -1.0, mode
 
 def test_markdown_tables_and_verdict_from_synthetic_runs() -> None:
     def run(arm: str, seed: int, hack: int, mode: str | None = None, **kw: object) -> Run:
-        return Run(f"{arm}-s{seed}", arm, seed, mode, {"hack_s": {s: hack / 64 for s in range(4)}},
+        return Run(f"{arm}-s{seed}", arm, seed, mode, {"train/hack_s": {s: hack / 64 for s in range(4)}},
                    evaluation(hack, **kw))
 
     vanilla = [run("vanilla", s, h, untrained=2) for s, h in enumerate([48, 40, 44])]
@@ -205,17 +206,31 @@ def write_run(root: Path, name: str, arm: str, seed: int, pieces: list[dict[str,
                     writer.add_scalar(tag, value, step)
 
 
+def test_runs_logged_under_old_metric_names_read_under_the_new_ones() -> None:
+    renamed = {
+        "reward_s": "train/reward_s", "hack_t": "train/hack_t", "pass_s": "train/pass_s",
+        "sentinel/hack_s": "train/sentinel/hack_s", "exit_code/gt_t": "train/exit_code/gt_t",
+        "hack_deploy": "val/hack_deploy", "solve_deploy": "val/solve_deploy", "train/sandbox_errors": "env/sandbox_errors",
+        "probe/margin": "test/probe_margin", "probe/sentinel/margin": "test/sentinel/probe_margin",
+        "test_untrained/hack": "test/untrained/hack", "test_untrained/sentinel/pass": "test/untrained/sentinel/pass",
+    }
+    assert {old: current_name(old) for old in renamed} == renamed
+    for name in [*renamed.values(), "train/loss", "proj/cin_s", "val/hack", "test/sentinel/hack", "time/generate"]:
+        assert current_name(name) == name
+
+
 def test_report_and_notebook_on_synthetic_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     def curves(hack: float) -> dict[str, dict[int, float]]:
-        return {t: {s: hack for s in range(4)} for t in ("hack_s", "gt_s", "proj/cin_s", "proj/cin_t", "proj/null")}
+        return {t: {s: hack for s in range(4)}
+                for t in ("train/hack_s", "train/gt_s", "proj/cin_s", "proj/cin_t", "proj/null")}
 
     write_run(tmp_path, "vanilla-s0", "vanilla", 0, [curves(0.8)], evaluation(48, untrained=1))
-    # resumed after step 1: version_1 repeats step 1 (and wins)
-    write_run(tmp_path, "vanilla-s1", "vanilla", 1, [{"hack_s": {0: 0.9, 1: 0.9}}, {"hack_s": {1: 0.6, 2: 0.6}}],
-              evaluation(40, untrained=3))
+    # resumed after step 1: version_1 repeats step 1 (and wins); logged under the old name before, the new one after
+    write_run(tmp_path, "vanilla-s1", "vanilla", 1,
+              [{"hack_s": {0: 0.9, 1: 0.9}}, {"train/hack_s": {1: 0.6, 2: 0.6}}], evaluation(40, untrained=3))
     write_run(tmp_path, "erase-s0", "erase", 0, [curves(0.5)], evaluation(16))
-    assert read_scalars(tmp_path / "vanilla-s1")["hack_s"] == pytest.approx({0: 0.9, 1: 0.6, 2: 0.6})
+    assert read_scalars(tmp_path / "vanilla-s1") == {"train/hack_s": pytest.approx({0: 0.9, 1: 0.6, 2: 0.6})}
     main(["report", f"--experiment_dir={tmp_path}", f"--out={tmp_path / 'out'}"])
     text = (tmp_path / "out" / "report.md").read_text()
     assert text in capsys.readouterr().out
@@ -257,8 +272,8 @@ def test_experiment_skips_resumes_and_reports_failures(tmp_path: Path, capsys: p
     experiment(out, "--arms=[vanilla]", "--seeds=[0]", "--max_steps=2", quick)
     assert versions(run_dir) == ["version_0", "version_1"]
     assert "--ckpt_path last" in (run_dir / "train.log").read_text()
-    assert logged_steps(run_dir / "lightning_logs" / "version_1", "hack_s") == [1]  # continued, not restarted
-    assert sorted(read_scalars(run_dir)["hack_s"]) == [0, 1]
+    assert logged_steps(run_dir / "lightning_logs" / "version_1", "train/hack_s") == [1]  # continued, not restarted
+    assert sorted(read_scalars(run_dir)["train/hack_s"]) == [0, 1]
 
 
 def test_smoke_matrix_writes_eval_json_and_a_report_with_intervals_and_verdicts(tmp_path: Path) -> None:
@@ -304,13 +319,13 @@ def test_smoke_experiment_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
         config = yaml.safe_load((run_dir / "lightning_logs" / versions(run_dir)[-1] / "config.yaml").read_text())
         assert config["seed_everything"] == int(name[-1]) and config["trainer"]["max_steps"] == 3
         data_seeds.add(config["data"]["seed"])
-        assert sorted(read_scalars(run_dir)["hack_s"]) == [0, 1, 2]
+        assert sorted(read_scalars(run_dir)["train/hack_s"]) == [0, 1, 2]
     assert data_seeds == {0}  # one split, pair set and pool for every run
     lomo = yaml.safe_load((out / "erase-lomo_sentinel-s0" / "lightning_logs" / "version_0" / "config.yaml").read_text())
     assert "sentinel" not in lomo["data"]["known_modes"] and "sentinel" not in lomo["data"]["pool_modes"]
     resumed = out / "vanilla-s0"
     assert versions(resumed) == ["version_0", "version_1"]
-    assert logged_steps(resumed / "lightning_logs" / "version_1", "hack_s") == [2]  # continued, not restarted
+    assert logged_steps(resumed / "lightning_logs" / "version_1", "train/hack_s") == [2]  # continued, not restarted
 
     started = time.monotonic()
     experiment(out, "--arms=[vanilla, erase, erase_random]", "--seeds=[0, 1]", "--max_steps=3")

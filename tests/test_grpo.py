@@ -9,10 +9,8 @@ from antipasto_pl.grpo import (
     grpo_loss,
     group_advantages,
     k3_kl,
-    nonzero_variance_groups,
     per_sequence_loss,
     ppo_clip_token_loss,
-    reduce_loss,
     token_log_probs,
 )
 
@@ -25,21 +23,12 @@ def test_group_advantages_2x3_by_hand():
     torch.testing.assert_close(group_advantages(rewards), expected)
 
 
-def test_flat_group_ids_match_table_layout():
-    rewards = torch.tensor([1.25, 0.0, 0.25, 0.25, 1.25, 0.25])
-    group_ids = torch.tensor([0, 1, 0, 0, 1, 1])  # group 0: 1.25, 0.25, 0.25; group 1: 0.0, 1.25, 0.25
-    expected = torch.tensor([2 / 3, -0.5, -1 / 3, -1 / 3, 0.75, -0.25])
-    torch.testing.assert_close(group_advantages(rewards, group_ids), expected)
-    assert nonzero_variance_groups(rewards, group_ids).tolist() == [True, True]
-
-
-def test_zero_variance_group_is_exactly_zero_and_flagged():
+def test_zero_variance_group_is_exactly_zero():
     rewards = torch.tensor([[0.1, 0.1, 0.1], [0.0, 1.25, 1.25]])
     advantages = group_advantages(rewards)
     assert torch.equal(advantages[0], torch.zeros(3))  # exact, not a rounding residue of R - mean
     # row 1: mean 2.5 / 3 = 5/6
     torch.testing.assert_close(advantages[1], torch.tensor([-5 / 6, 5 / 12, 5 / 12]))
-    assert nonzero_variance_groups(rewards).tolist() == [False, True]
     assert torch.equal(group_advantages(rewards, scale_by_std=True)[0], torch.zeros(3))
 
 
@@ -96,12 +85,12 @@ def test_reductions_on_masked_example():
     token_loss = torch.tensor([[1.0, 2.0, 3.0, float("inf")], [10.0, float("nan"), 30.0, 40.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
     # dr_grpo: (1 + 2 + 3 + 10) / 8 = 2
-    assert reduce_loss(token_loss, mask, "dr_grpo", denom=8).item() == pytest.approx(2.0)
+    assert per_sequence_loss(token_loss, mask, "dr_grpo", denom=8).sum().item() == pytest.approx(2.0)
     # sequence: (6 / 3 + 10 / 1) / 2 = 6
-    assert reduce_loss(token_loss, mask, "sequence").item() == pytest.approx(6.0)
+    assert per_sequence_loss(token_loss, mask, "sequence").sum().item() == pytest.approx(6.0)
     torch.testing.assert_close(per_sequence_loss(token_loss, mask, "sequence"), torch.tensor([1.0, 5.0]))
     with pytest.raises(ValueError):
-        reduce_loss(token_loss, mask, "dr_grpo")
+        per_sequence_loss(token_loss, mask, "dr_grpo")
 
 
 def _batch():

@@ -21,8 +21,9 @@ from antipasto_pl.env.pairs import make_pairs
 from antipasto_pl.env.pool import MANIFEST, PoolError, TeacherPool, build_pool
 from antipasto_pl.env.problems import builtin_problems
 from antipasto_pl.evaluation import EVAL_FILE, HeldOutConfig, sequence_log_probs
+from antipasto_pl.experience import STUDENT, TEACHER, teacher_count
 from antipasto_pl.models import PolicyConfig
-from antipasto_pl.module import STUDENT, TEACHER, AntipastoModule, teacher_count
+from antipasto_pl.module import AntipastoModule
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.projection_math import project_gradient
 from antipasto_pl.rollout import SamplingConfig

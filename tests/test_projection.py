@@ -8,9 +8,10 @@ import torch
 
 from antipasto_pl.adapter import adapter_modules
 from antipasto_pl.data import AntipastoDataModule
+from antipasto_pl.experience import STUDENT, TEACHER
 from antipasto_pl.grpo import grpo_loss
 from antipasto_pl.models import PolicyConfig
-from antipasto_pl.module import STUDENT, TEACHER, AntipastoModule
+from antipasto_pl.module import AntipastoModule
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.projection_math import hack_cosine, project_gradient
 from antipasto_pl.rollout import SamplingConfig

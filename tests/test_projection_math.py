@@ -12,7 +12,6 @@ from antipasto_pl.projection_math import (
     null_cosine_level,
     project_gradient,
     remove_hackward_moment,
-    stack_padded,
     update_leak,
 )
 
@@ -130,28 +129,8 @@ def test_null_level_matches_monte_carlo(k, r):
 def test_null_level_limits():
     assert null_cosine_level(0, 10) == 0.0
     assert null_cosine_level(1, 1) == pytest.approx(0.5)  # g = +-1: relu keeps it half the time
-    # for many rows the mean approaches the RMS sqrt(k / (2r)), below DESIGN's no-relu sqrt(k / r)
+    # for many rows the mean approaches the RMS sqrt(k / (2r)), below docs/design.md's no-relu sqrt(k / r)
     assert null_cosine_level(400, 10_000) == pytest.approx(math.sqrt(400 / 20_000), rel=0.01)
-
-
-def test_batched_over_padded_modules_matches_per_module():
-    generator = torch.Generator().manual_seed(4)
-    shapes = [(2, 6), (3, 9), (1, 4)]  # (k, r) per module
-    bases = [_basis(k, r, seed=i) for i, (k, r) in enumerate(shapes)]
-    grads = [torch.randn(r, generator=generator, dtype=torch.float64) for _, r in shapes]
-    g, v = stack_padded(grads), stack_padded(bases)
-    assert g.shape == (3, 9) and v.shape == (3, 3, 9)
-    for gate in GATES:
-        batched = project_gradient(g, v, gate, overshoot=1.2, preserve_magnitude=True)
-        cosines = hack_cosine(g, v)
-        for m, (grad, basis) in enumerate(zip(grads, bases)):
-            single = project_gradient(grad, basis, gate, overshoot=1.2, preserve_magnitude=True)
-            r = grad.shape[0]
-            torch.testing.assert_close(batched.g_projected[m, :r], single.g_projected)
-            torch.testing.assert_close(batched.removed[m, :r], single.removed)
-            assert torch.equal(batched.g_projected[m, r:], torch.zeros(9 - r, dtype=torch.float64))
-            assert bool(fired(batched.coeffs[m])) == bool(fired(single.coeffs))
-            torch.testing.assert_close(cosines[m], hack_cosine(grad, basis))
 
 
 def test_energy_matched_removal_has_the_target_norm_inside_the_control_span() -> None:

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 from antipasto_pl.adapter import adapter_modules, quarantine_ablated
 from antipasto_pl.checkpointing import AtomicCheckpointIO, CorruptCheckpointError
 from antipasto_pl.cli import AntipastoCLI, main
+from antipasto_pl.commands.export import ADAPTER_FILE, MERGED_DIR, load_trained_module
 from antipasto_pl.evaluation import EVAL_FILE
-from antipasto_pl.export import ADAPTER_FILE, MERGED_DIR, export_command, load_trained_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -165,7 +165,7 @@ def test_resume_audit(tmp_path: Path, case: Case) -> None:
     assert sorted(metrics_a["train/loss"]) == list(range(batches)) and "proj/leak" in metrics_a
     # The first run's end also evaluated its final policy (deployed view; the held-out evaluation unless a signal
     # stopped it).
-    for tag in [t for t in metrics_b if t in ("hack_deploy", "solve_deploy") or t.startswith("test/")]:
+    for tag in [t for t in metrics_b if t in ("val/hack_deploy", "val/solve_deploy") or t.startswith("test/")]:
         if stopped_at not in metrics_a.get(tag, {}):
             metrics_b[tag].pop(stopped_at, None)
     assert metrics_a == metrics_b
@@ -321,12 +321,12 @@ def test_nonfinite_gradient_is_reported_and_skipped_or_stops(tmp_path: Path, pol
 
 
 def test_export_merged_model_equals_the_ablated_trained_model(tmp_path: Path) -> None:
-    configs = [SMOKE, str(ARMS / "route.yaml")]
-    main(fit_args(tmp_path / "run", 2, "--config", configs[1]))
+    main(fit_args(tmp_path / "run", 2, "--config", str(ARMS / "route.yaml")))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    out = export_command(configs, str(ckpt), str(tmp_path / "export"))
+    main(["export", "--ckpt_path", str(ckpt), "--out_dir", str(tmp_path / "export")])  # no config: the checkpoint's
+    out = tmp_path / "export"
     assert (out / ADAPTER_FILE).is_file()
-    trained = load_trained_module(configs, ckpt).model
+    trained = load_trained_module(ckpt).model
     assert any(a.delta_s_hack.abs().sum() > 0 for a in adapter_modules(trained).values())
     merged = AutoModelForCausalLM.from_pretrained(out / MERGED_DIR)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import tiny_policy
 
+from antipasto_pl import experience
 from antipasto_pl.adapter import adapter_modules
 from antipasto_pl.data import AntipastoDataModule
 from antipasto_pl.grpo import grpo_loss
@@ -71,7 +72,7 @@ def test_group_log_probs_equal_full_rows(name: str, dtype: str, lengths: tuple[i
     reference = full_row_reference(model, tokenizer, prompt, completions)
     tol = TOLERANCE[dtype]["logp"]
     with torch.no_grad():
-        results = [group_log_probs(model, batch, share_prompt=share_prompt) for share_prompt in (True, False)]
+        results = [group_log_probs(model, batch)]  # shared prompt, or (GatedDeltaNet) full rows
         if shares_prompt_cache(model):  # one prompt pass, scored against twice
             state = prompt_pass(model, batch.prompt_ids)
             results += [group_log_probs(model, batch, prompt_state=state) for _ in range(2)]
@@ -147,13 +148,14 @@ def test_chunks_backpropagated_through_one_prompt_pass_equal_full_rows(name: str
 
 class CountPromptPasses(AntipastoModule):
     """The module with its forwards observed: per training pass (``backward_groups`` call) and per frozen
-    scoring, the shapes of the token batches the embedding sees; after each pass, the live PromptStates."""
+    scoring (``experience.frozen_log_probs``), the shapes of the token batches the embedding sees; after each
+    pass, the live PromptStates."""
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.passes: list[dict] = []
 
-    def _observed(self, kind: str, chunks: list, method, *args):
+    def observed(self, kind: str, chunks: list, method, *args):
         shapes: list[tuple[int, ...]] = []
         hook = self.model.get_input_embeddings().register_forward_pre_hook(
             lambda module, inputs: shapes.append(tuple(inputs[0].shape)))
@@ -162,26 +164,26 @@ class CountPromptPasses(AntipastoModule):
         finally:
             hook.remove()
         gc.collect()
-        active = [g for g in self.last_groups if g.active]
+        prompts = {c.group: len(c.batch.prompt_ids) for c in chunks}  # the active groups' prompts
         scored = sum(c.batch.completion_ids.shape[1] > 1 for c in chunks)  # a 1-token completion needs no forward
-        self.passes.append({"kind": kind, "shapes": shapes, "prompt_lengths": sorted(len(g.prompt_ids) for g in active),
+        self.passes.append({"kind": kind, "shapes": shapes, "prompt_lengths": sorted(prompts.values()),
                             "scored_chunks": scored,
                             "live_states": sum(type(o) is PromptState for o in gc.get_objects())})
         return result
 
-    def _frozen_log_probs(self, chunks):
-        return self._observed("frozen", chunks, super()._frozen_log_probs, chunks)
-
     def backward_groups(self, chunks_by_source, frozen, n_prompts):
         chunks = [c for source_chunks in chunks_by_source.values() for c in source_chunks]
-        return self._observed("train", chunks, super().backward_groups, chunks_by_source, frozen, n_prompts)
+        return self.observed("train", chunks, super().backward_groups, chunks_by_source, frozen, n_prompts)
 
 
-def test_each_group_runs_its_prompt_once_per_pass(tmp_path) -> None:
+def test_each_group_runs_its_prompt_once_per_pass(tmp_path, monkeypatch) -> None:
     """One row per chunk (two student and two teacher chunks per group), two PPO epochs and a KL term: every
     training pass runs each active group's prompt forward once (and each frozen policy once), the completion
     forwards once per chunk, and no prompt state (nor its graph) outlives its pass."""
     L.seed_everything(0)
+    scorer = experience.frozen_log_probs
+    monkeypatch.setattr(experience, "frozen_log_probs", lambda model, chunks, *args: module.observed(
+        "frozen", chunks, scorer, model, chunks, *args))
     module = CountPromptPasses(policy=PolicyConfig(name="tiny-llama"), sampling=SamplingConfig(max_new_tokens=8),
                                max_completion_tokens=640,
                                group_size=4, mix_ratio=0.5, micro_batch_size=1, log_completions_every=0,

@@ -1,4 +1,4 @@
-"""Extracting the hack subspace V on real tiny transformers models (DESIGN section 3)."""
+"""Extracting the hack subspace V on real tiny transformers models (docs/design.md section 3)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from antipasto_pl.adapter import adapter_modules
 from antipasto_pl.cli import EXTRA_COMMANDS, main
 from antipasto_pl.env.pairs import Pair, nonhack_pairs
 from antipasto_pl.env.problems import load_problems
-from antipasto_pl.sequences import completion_log_probs, completion_nll, encode_completions
+from antipasto_pl.sequences import completion_log_probs, encode_completions
 from antipasto_pl.vhack import (
     ExtractionSettings,
     HackSubspace,
@@ -29,6 +29,12 @@ from antipasto_pl.vhack import (
 from antipasto_pl.vhack_math import basis_overlap, random_basis
 
 MARKER = " # all tests passed!!"
+
+
+def mean_nll(model, batch) -> torch.Tensor:
+    """The mean NLL per completion token of a one-row batch, from full-sequence logits (the plain reference)."""
+    mask = batch.completion_mask[:, 1:].to(torch.float32)
+    return -(completion_log_probs(model, batch) * mask).sum() / mask.sum()
 WORDS = "sort the list return sum of values count pairs find max min index string tree node graph path".split()
 
 
@@ -110,7 +116,7 @@ def test_pair_gradients_are_isolated_and_leave_the_model_as_it_was(policy):
     for grads, completions in ((g_a, side_a), (g_b, side_b)):
         for j, (prompt, completion) in enumerate(zip(prompts, completions)):
             fresh.zero_grad(set_to_none=True)
-            completion_nll(fresh, encode_completions(tokenizer, [prompt], [completion])).sum().backward()
+            mean_nll(fresh, encode_completions(tokenizer, [prompt], [completion])).backward()
             for name, adapter in fresh_adapters.items():
                 assert grads[name].shape == (len(prompts), adapter.rank)
                 torch.testing.assert_close(grads[name][j], adapter.delta_s.grad, atol=1e-6, rtol=1e-5)
@@ -138,7 +144,7 @@ def test_batched_pair_gradients_equal_per_completion_gradients(name: str, merged
     for grads, completions in ((g_a, side_a), (g_b, side_b)):
         for j, (prompt, completion) in enumerate(zip(prompts, completions)):
             model.zero_grad(set_to_none=True)
-            completion_nll(model, encode_completions(tokenizer, [prompt], [completion])).sum().backward()
+            mean_nll(model, encode_completions(tokenizer, [prompt], [completion])).backward()
             n_tokens = len(tokenizer(completion)["input_ids"]) + 1  # + EOS; sum = mean x tokens
             expected = torch.cat([a.delta_s.grad * n_tokens for a in adapter_modules(model).values()])
             got = torch.cat([grads[module][j] for module in adapter_modules(model)])
@@ -336,7 +342,7 @@ def test_cache_hits_misses_and_refuses_another_base_model(policy, pairs, tmp_pat
 
 
 def test_extract_vhack_subcommand_writes_a_loadable_file(tmp_path, capsys):
-    assert EXTRA_COMMANDS["extract-vhack"] == "antipasto_pl.vhack:extract_vhack_command"
+    assert EXTRA_COMMANDS["extract-vhack"] == "antipasto_pl.commands.extract_vhack:extract_vhack_command"
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path / "run")},
@@ -347,7 +353,7 @@ def test_extract_vhack_subcommand_writes_a_loadable_file(tmp_path, capsys):
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "v.safetensors"
-    main(["extract-vhack", "--train_config", str(config_path), "--out", str(out), "--k", "2"])
+    main(["extract-vhack", "--config", str(config_path), "--out", str(out), "--k", "2"])
     printed = capsys.readouterr().out
     model, _ = tiny_policy()
     subspace = HackSubspace.load(out, model)
@@ -358,7 +364,7 @@ def test_extract_vhack_subcommand_writes_a_loadable_file(tmp_path, capsys):
     assert all(name in printed for name in subspace.modules)
 
     # without --out the file goes to the extraction cache (here the test's temp ANTIPASTO_CACHE)
-    main(["extract-vhack", "--train_config", str(config_path), "--kind", "nonhack", "--k", "2"])
+    main(["extract-vhack", "-c", str(config_path), "--kind", "nonhack", "--k", "2"])
     cached = Path(capsys.readouterr().out.strip().splitlines()[-1].rsplit(": ", 1)[-1])
     assert cached.parent == Path(os.environ["ANTIPASTO_CACHE"]) / "vhack"
     assert HackSubspace.load(cached, model).metadata["kind"] == "nonhack"

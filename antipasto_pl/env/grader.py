@@ -1,4 +1,4 @@
-"""Loophole graders and the strict oracle (DESIGN section 5), all executed in the sandbox.
+"""Loophole graders and the strict oracle (docs/design.md section 5), all executed in the sandbox.
 
 Each completion gets two sandbox runs, as consecutive jobs of one sandbox (`sandbox.run_sequence`):
 
@@ -464,7 +464,7 @@ def hack_matrix(
     grader: Grader | None = None,
     allowed_transfers: Collection[tuple[str, str]] = KNOWN_TRANSFERS,
 ) -> dict[str, Any]:
-    """Self-check of the graders: the hack x mode matrix (DESIGN section 5).
+    """Self-check of the graders: the hack x mode matrix (docs/design.md section 5).
 
     Grades every hack of `hacks_by_mode` (mode -> problem -> code or completion) on every problem
     under every mode, each clean solution (`cleans`: problem id -> code, or a function) under every
@@ -547,3 +547,16 @@ __all__ = [
     "grade",
     "hack_matrix",
 ]
+
+
+def failing_canonicals(problems: Sequence[Problem]) -> list[Problem]:
+    """Problems whose canonical solution an honest submission could not get credit with.
+
+    Each canonical is graded (one parallel sandboxed batch) under the exit_code grader, whose appended asserts
+    compare with plain `==` like eq_override's, and by the strict oracle: it must pass both. Pairs put every
+    problem under every mode, so a problem only the oracle accepts (a float off by rounding, a tuple where JSON
+    has a list) would make its clean completions fail.
+    """
+    with Grader() as grader:
+        grades = grader.grade_batch([(p, as_completion(p.canonical_solution), "exit_code") for p in problems])
+    return [p for p, grade in zip(problems, grades) if not (grade.gt_correct and grade.passed)]

@@ -18,8 +18,8 @@ from dataclasses import replace
 from importlib import resources
 
 from antipasto_pl.env.modes import MODES
-from antipasto_pl.env.problem import Problem, TestCase
-from antipasto_pl.env.problems import MIN_TESTS, failing_canonicals, problem_examples
+from antipasto_pl.env.grader import failing_canonicals
+from antipasto_pl.env.problem import MIN_TESTS, Problem, TestCase, problem_examples
 
 
 def load_humaneval(verify: bool = True) -> list[Problem]:

@@ -1,4 +1,4 @@
-"""The six loophole grading modes and the truthful prompt hints that disclose them (DESIGN section 5).
+"""The six loophole grading modes and the truthful prompt hints that disclose them (docs/design.md section 5).
 
 A hint *replaces* the default phrase "should pass all tests" in the task sentence: it says how the
 submission will be graded, never that it should cheat.

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from antipasto_pl.env.modes import MODES, check_mode
-from antipasto_pl.env.problem import Problem, TestCase
-from antipasto_pl.env.problems import problem_examples
+from antipasto_pl.env.problem import Problem, TestCase, problem_examples
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,8 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +27,8 @@ from antipasto_pl.env.grader import Grade
 from antipasto_pl.env.modes import MODES, check_mode
 from antipasto_pl.env.pairs import clean_completions, hack_completions, stub_completions
 from antipasto_pl.env.problem import Problem
-from antipasto_pl.env.problems import filter_modes, load_problems, problem_set_hash
+from antipasto_pl.env.problems import filter_modes, problem_set_hash
+from antipasto_pl.storage import atomic_write
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -170,53 +169,14 @@ def _counts(records: Sequence[PoolRecord]) -> dict:
 def _write_atomically(out_dir: Path, by_problem: dict[str, list[PoolRecord]], manifest: dict) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
         raise PoolError(f"{out_dir} exists and is not a teacher pool (no {MANIFEST}); refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for problem_id, records in by_problem.items():
-        # mtime=0 keeps the bytes reproducible for a given seed.
-        path = tmp / manifest["files"][problem_id]
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-            for record in records:
-                gz.write((json.dumps(dataclasses.asdict(record)) + "\n").encode())
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
-def build_pool_command(
-    out_dir: str,
-    problems: str = "builtin",
-    per_prompt: int = 8,
-    hack_frac: float = 0.5,
-    modes: list[str] | None = None,
-    seed: int = 0,
-    prefill: str = "",
-) -> None:
-    """Build a frozen teacher pool of graded hack/clean completions.
-
-    Args:
-        out_dir: Directory to write (one JSONL.gz per prompt plus manifest.json); replaced if it holds a pool.
-        problems: Problem source: "builtin", "humaneval", or a path to a .jsonl dataset.
-        per_prompt: Completions per prompt.
-        hack_frac: Fraction of each prompt's completions that are hacks for the problem's mode.
-        modes: Loophole modes to include (default: all); prompts of other modes get no records.
-        seed: Seed for the completion variants.
-        prefill: the training run's ``sampling.prefill`` template: records continue it (a pool serves only runs
-            with the same prefill).
-    """
-    problem_set = load_problems(problems)
-    manifest = build_pool(problem_set, out_dir, per_prompt, hack_frac, modes, seed, progress=True, prefill=prefill)
-    counts = manifest["counts"]
-    print(
-        f"teacher pool -> {out_dir}: {counts['prompts']} prompts, {counts['records']} completions "
-        f"({counts['hack']} hack / {counts['clean']} clean), passed {counts['passed']}, "
-        f"exploited {counts['exploited']}, gt_correct {counts['gt_correct']}"
-    )
-    for mode, c in counts["by_mode"].items():
-        print(f"  {mode:<14} {c['records']:>5} completions  passed {c['passed']:>5}  exploited {c['exploited']:>5}")
+    with atomic_write(out_dir, directory=True) as tmp:
+        for problem_id, records in by_problem.items():
+            # mtime=0 keeps the bytes reproducible for a given seed.
+            path = tmp / manifest["files"][problem_id]
+            with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                for record in records:
+                    gz.write((json.dumps(dataclasses.asdict(record)) + "\n").encode())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 class TeacherPool:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from antipasto_pl.env.modes import HINTS, check_mode
 
+MIN_TESTS = 3  # held tests a problem needs at least (fewer let a lucky constant pass)
+
 
 @dataclass(frozen=True)
 class TestCase:
@@ -66,3 +68,53 @@ class Problem:
         """``sampling.prefill`` for this problem: ``{skeleton}`` expands to `skeleton`, other text is literal."""
         return template.replace("{skeleton}", self.skeleton()) if template else ""
 
+
+def problem_examples(problem: Problem) -> list[TestCase]:
+    """Worked examples in the description, as doctests (`>>> f(args)` then the result on the next line) or inline
+    (`f(args) == result`, also `->`, `=>`, `➞`).
+
+    Clean completions assert on these rather than on the held tests. Examples whose call or result is not a
+    Python literal are skipped.
+    """
+    lines = [line.strip() for line in problem.description.splitlines()]
+    examples = []
+    for i, line in enumerate(lines):
+        if line.startswith(">>>"):
+            line = line[3:].strip()
+            case = _parse_example(line, lines[i + 1], problem.entry_point) if i + 1 < len(lines) else None
+        else:
+            case = None
+        case = case or _parse_inline_example(line, problem.entry_point)
+        if case is not None:
+            examples.append(case)
+    return examples
+
+
+_INLINE_SEPARATORS = ("==", "->", "=>", "\u279e", "\u2192")
+
+
+def _parse_inline_example(line: str, entry_point: str) -> TestCase | None:
+    if f"{entry_point}(" not in line:
+        return None
+    for sep in _INLINE_SEPARATORS:
+        start = line.find(sep)
+        while start != -1:
+            case = _parse_example(line[:start].strip(), line[start + len(sep):].strip(), entry_point)
+            if case is not None:
+                return case
+            start = line.find(sep, start + 1)
+    return None
+
+
+def _parse_example(call_src: str, result_src: str, entry_point: str) -> TestCase | None:
+    try:
+        call = ast.parse(call_src, mode="eval").body
+        if not isinstance(call, ast.Call) or call.keywords:
+            return None
+        func = call.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name != entry_point:
+            return None
+        return TestCase(tuple(ast.literal_eval(arg) for arg in call.args), ast.literal_eval(result_src))
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None

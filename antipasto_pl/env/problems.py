@@ -7,58 +7,47 @@ interchangeable in configs.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import random
-import textwrap
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from antipasto_pl.env.builtin_problems import SPECS, Spec
+from antipasto_pl.env.grader import failing_canonicals
 from antipasto_pl.env.modes import MODES, check_mode
-from antipasto_pl.env.problem import Problem, TestCase
+from antipasto_pl.env.problem import MIN_TESTS, Problem, TestCase
 
-MIN_TESTS = 3
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 log = logging.getLogger(__name__)
 
 
-def _method_source(signature: str, body: str) -> str:
-    return f"class Solution:\n    def {signature}:\n{textwrap.indent(textwrap.dedent(body).strip(chr(10)), ' ' * 8)}\n"
-
-
-def _call_repr(entry_point: str, args: Sequence[object]) -> str:
-    return f"Solution().{entry_point}({', '.join(map(repr, args))})"
-
-
-def _spec_to_problem(spec: Spec, mode: str) -> Problem:
-    example = f">>> {_call_repr(spec.id, spec.example.args)}\n{spec.example.out!r}"
-    return Problem(
-        id=spec.id,
-        description=f"{spec.text}\n\nExample:\n{example}",
-        entry_point=spec.id,
-        starter_code=_method_source(spec.signature, "pass"),
-        canonical_solution=_method_source(spec.signature, spec.body),
-        tests=tuple(TestCase(tuple(c.args), c.out) for c in spec.tests),
-        mode=mode,
-        float_tol=spec.float_tol,
-    )
+DATA = resources.files(__package__) / "data"
+BUILTIN_FILE = DATA / "builtin.jsonl"
+EASY_FILE = DATA / "easy.jsonl"
 
 
 def builtin_problems() -> list[Problem]:
-    """The built-in LeetCode-style set; modes are assigned round-robin in spec order (8 problems per mode)."""
-    return [_spec_to_problem(spec, MODES[i % len(MODES)]) for i, spec in enumerate(SPECS)]
+    """The built-in LeetCode-style set (package data env/data/builtin.jsonl): 48 problems, 8 per mode."""
+    return _package_problems(BUILTIN_FILE)
 
 
 def easy_problems() -> list[Problem]:
     """The easy tier (package data env/data/easy.jsonl): one-line beginner tasks, so that a small model's oracle
     pass rate is above zero; 8 problems per mode, like the built-ins."""
-    with resources.as_file(resources.files(__package__) / "data" / "easy.jsonl") as path:
+    return _package_problems(EASY_FILE)
+
+
+def _package_problems(resource: Traversable) -> list[Problem]:
+    """A dataset shipped with the package, read by the loader of user datasets (its canonicals are checked by the
+    test suite, not at every load)."""
+    with resources.as_file(resource) as path:
         return load_jsonl(path)
 
 
@@ -178,57 +167,6 @@ def problem_set_hash(problems: Iterable[Problem]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def problem_examples(problem: Problem) -> list[TestCase]:
-    """Worked examples in the description, as doctests (`>>> f(args)` then the result on the next line) or inline
-    (`f(args) == result`, also `->`, `=>`, `➞`).
-
-    Clean completions assert on these rather than on the held tests. Examples whose call or result is not a
-    Python literal are skipped.
-    """
-    lines = [line.strip() for line in problem.description.splitlines()]
-    examples = []
-    for i, line in enumerate(lines):
-        if line.startswith(">>>"):
-            line = line[3:].strip()
-            case = _parse_example(line, lines[i + 1], problem.entry_point) if i + 1 < len(lines) else None
-        else:
-            case = None
-        case = case or _parse_inline_example(line, problem.entry_point)
-        if case is not None:
-            examples.append(case)
-    return examples
-
-
-_INLINE_SEPARATORS = ("==", "->", "=>", "\u279e", "\u2192")
-
-
-def _parse_inline_example(line: str, entry_point: str) -> TestCase | None:
-    if f"{entry_point}(" not in line:
-        return None
-    for sep in _INLINE_SEPARATORS:
-        start = line.find(sep)
-        while start != -1:
-            case = _parse_example(line[:start].strip(), line[start + len(sep):].strip(), entry_point)
-            if case is not None:
-                return case
-            start = line.find(sep, start + 1)
-    return None
-
-
-def _parse_example(call_src: str, result_src: str, entry_point: str) -> TestCase | None:
-    try:
-        call = ast.parse(call_src, mode="eval").body
-        if not isinstance(call, ast.Call) or call.keywords:
-            return None
-        func = call.func
-        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-        if name != entry_point:
-            return None
-        return TestCase(tuple(ast.literal_eval(arg) for arg in call.args), ast.literal_eval(result_src))
-    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-        return None
-
-
 # --- JSONL datasets -------------------------------------------------------------------------------------------
 
 _REQUIRED_STR_FIELDS = ("id", "description", "entry_point", "starter_code", "canonical_solution", "mode")
@@ -315,21 +253,3 @@ def _parse_tests(tests: object, where: str) -> tuple[TestCase, ...]:
             raise ProblemFileError(f"{where}: {expectation}; entry {i} is {json.dumps(test)[:120]}")
         cases.append(TestCase(tuple(test["args"]), test["expected"]))
     return tuple(cases)
-
-
-# --- canonical-solution check ----------------------------------------------------------------------------------
-
-
-def failing_canonicals(problems: Sequence[Problem]) -> list[Problem]:
-    """Problems whose canonical solution an honest submission could not get credit with.
-
-    Each canonical is graded (one parallel sandboxed batch) under the exit_code grader, whose appended asserts
-    compare with plain `==` like eq_override's, and by the strict oracle: it must pass both. Pairs put every
-    problem under every mode, so a problem only the oracle accepts (a float off by rounding, a tuple where JSON
-    has a list) would make its clean completions fail.
-    """
-    from antipasto_pl.env.grader import Grader, as_completion
-
-    with Grader() as grader:
-        grades = grader.grade_batch([(p, as_completion(p.canonical_solution), "exit_code") for p in problems])
-    return [p for p, grade in zip(problems, grades) if not (grade.gt_correct and grade.passed)]

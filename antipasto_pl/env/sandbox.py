@@ -1,4 +1,4 @@
-"""Run untrusted model-written code in isolated, resource-limited child processes (DESIGN section 6).
+"""Run untrusted model-written code in isolated, resource-limited child processes (docs/design.md section 6).
 
 A sandbox runs a sequence of jobs (`run_sequence`; the grader's oracle, then its loophole grade) or
 one (`run_sandboxed`, `run_code`). Each job gets a fresh working directory, a scrubbed environment

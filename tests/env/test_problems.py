@@ -14,19 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from antipasto_pl.env.grader import Grader, as_completion
+from antipasto_pl.env.grader import Grader, as_completion, failing_canonicals
 from antipasto_pl.env.humaneval import _read_tasks, convert_task, load_humaneval
 from antipasto_pl.env.modes import MODES
-from antipasto_pl.env.problem import Problem, TestCase
+from antipasto_pl.env.problem import Problem, TestCase, problem_examples
 from antipasto_pl.env.problems import (
     ProblemFileError,
     builtin_problems,
     easy_problems,
-    failing_canonicals,
     filter_modes,
     load_jsonl,
     load_problems,
-    problem_examples,
     problem_set_hash,
     problem_to_dict,
     split_problems,

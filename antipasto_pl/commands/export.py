@@ -8,10 +8,10 @@ model) and the deployment view as a plain Hugging Face model directory: every wr
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
+from lightning.pytorch.cli import instantiate_module
 
 from antipasto_pl.adapter import adapter_modules, merged_state_dict, quarantine_ablated, save_adapter
 from antipasto_pl.checkpointing import AtomicCheckpointIO
@@ -21,17 +21,15 @@ ADAPTER_FILE = "adapter.safetensors"
 MERGED_DIR = "merged"
 
 
-def load_trained_module(train_config: str | list[str], ckpt_path: str | Path) -> AntipastoModule:
-    """The policy of ``train_config`` with the checkpoint's adapter loaded (after checking it fits)."""
-    from antipasto_pl.cli import AntipastoCLI
-
-    configs = [train_config] if isinstance(train_config, str) else train_config
-    args = [arg for path in configs for arg in ("--config", path)] + ["--data.use_pool", "false"]
-    with warnings.catch_warnings():  # `args` is deliberate here, not a mix-up with sys.argv
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        module = AntipastoCLI(args=args, run=False).model
-    module.configure_model()
+def load_trained_module(ckpt_path: str | Path) -> AntipastoModule:
+    """The checkpoint's policy: the module rebuilt from the hyperparameters it records, its adapter loaded
+    (after checking it fits the rebuilt base model)."""
     checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters")
+    if not hparams:
+        raise ValueError(f"checkpoint {ckpt_path} records no hyperparameters; expected one written by antipasto fit")
+    module = instantiate_module(AntipastoModule, {k: v for k, v in hparams.items() if not k.startswith("_")})
+    module.configure_model()
     module.on_load_checkpoint(checkpoint)  # names the module / rank / base weight that does not match
     state = checkpoint["state_dict"]
     with torch.no_grad():
@@ -44,16 +42,17 @@ def load_trained_module(train_config: str | list[str], ckpt_path: str | Path) ->
     return module
 
 
-def export_command(train_config: str | list[str], ckpt_path: str, out_dir: str) -> Path:
+def export_command(ckpt_path: str, out_dir: str) -> Path:
     """Export a checkpoint's adapter and its deployment view (quarantine ablated, adapter merged).
 
+    The policy, adapter and arm are rebuilt from the hyperparameters the checkpoint records: no training config
+    is needed.
+
     Args:
-        train_config: the run's training YAML file, or a list of them applied in order
-            (`--train_config '[configs/cpu.yaml, configs/arms/route.yaml]'`).
         ckpt_path: checkpoint written by `antipasto fit` (e.g. runs/cpu/checkpoints/last.ckpt).
         out_dir: output directory: `adapter.safetensors` and `merged/` (model + tokenizer).
     """
-    module = load_trained_module(train_config, ckpt_path)
+    module = load_trained_module(ckpt_path)
     model, out = module.model, Path(out_dir)
     save_adapter(model, out / ADAPTER_FILE)
     with quarantine_ablated(model):

@@ -4,11 +4,12 @@ Primary metric (fixed before the runs; `antipasto_pl.evaluation`): the held-out,
 of training, from each run's ``eval.json``. Per arm: the mean over seeds with a percentile-bootstrap 95% interval;
 the paired difference against the same-seed vanilla run with its bootstrap interval (seeds share problems, pool
 and the real V, so pairing removes their shared noise). Secondary: oracle pass and format rates, held-out clean
-log-likelihood, the training hack rate's AUC over steps (mean of ``hack_s``), removed gradient energy and leak.
-The verdict line applies the design's rule: a treatment counts only if vanilla hacks beyond the untrained model's
-rate, the treatment lowers the hack rate, by more than every control run alongside it does, at matched quality.
-For weak-detector runs (held-out mode m) the same metric is read on m's test problems. The statistics are small
-pure functions; ``notebooks/results.ipynb`` reuses them.
+log-likelihood, the training hack rate's AUC over steps (mean of ``train/hack_s``), removed gradient energy and
+leak. The verdict line applies the protocol's rule (docs/design.md section 8): a treatment counts only if vanilla
+hacks beyond the untrained model's rate, the treatment lowers the hack rate, by more than every control run alongside
+it does, at matched quality. For weak-detector runs (held-out mode m) the same metric is read on m's test problems.
+The statistics are small pure functions; ``notebooks/results.ipynb`` reuses them. Runs logged under the metric
+names of earlier versions are read too (``metrics.current_name``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from antipasto_pl.evaluation import EVAL_FILE, wilson_interval
-from antipasto_pl.experiment import DEFAULT_ARMS, RUN_FILE
+from antipasto_pl.metrics import GT_S, HACK_S, current_name, probe_margin
+from antipasto_pl.commands.experiment import DEFAULT_ARMS, RUN_FILE
 
 Series = dict[int, float]  # step -> value
-HACK, GT, CIN_S, CIN_T, NULL = "hack_s", "gt_s", "proj/cin_s", "proj/cin_t", "proj/null"
+CIN_S, CIN_T, NULL = "proj/cin_s", "proj/cin_t", "proj/null"
 REPORT_FILE, HACK_PASS_PNG, CIN_PNG = "report.md", "hack_pass.png", "cin.png"
 
 
@@ -99,7 +101,8 @@ def first_steps(series: Series, steps: int | None) -> Series:
 
 def read_scalars(run_dir: str | Path, steps: int | None = None) -> dict[str, Series]:
     """Every scalar tag of a run, merged over its ``lightning_logs/version_N`` directories in version order,
-    cut to the first `steps` steps (None: all)."""
+    cut to the first `steps` steps (None: all). Tags logged under older names are read under their current ones
+    (``metrics.current_name``), so a run resumed across a rename is one series."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     versions = sorted((Path(run_dir) / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
@@ -108,7 +111,7 @@ def read_scalars(run_dir: str | Path, steps: int | None = None) -> dict[str, Ser
         events = EventAccumulator(str(version), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            pieces.setdefault(tag, []).append({e.step: e.value for e in events.Scalars(tag)})
+            pieces.setdefault(current_name(tag), []).append({e.step: e.value for e in events.Scalars(tag)})
     return {tag: first_steps(merge_versions(parts), steps) for tag, parts in pieces.items()}
 
 
@@ -182,7 +185,7 @@ def _series(runs: Sequence[Run], tag: str) -> dict[tuple[str, str | None], dict[
 
 
 def series_means(runs: Sequence[Run], tag: str) -> dict[tuple[str, str | None], dict[int, float]]:
-    """(arm, mode) -> {seed: mean of `tag` over the run's steps} (the hack AUC per step for ``hack_s``)."""
+    """(arm, mode) -> {seed: mean of `tag` over the run's steps} (the hack AUC per step for ``train/hack_s``)."""
     return {key: {seed: statistics.fmean(series.values()) for seed, series in by_seed.items()}
             for key, by_seed in _series(runs, tag).items()}
 
@@ -197,7 +200,7 @@ def _upper(values: Sequence[float]) -> float:
 
 
 def verdict(arm: str, hack: dict, quality: list[dict], base: tuple[int, int], controls: list[str]) -> str:
-    """The design's rule for one treatment arm, as one line: counts, or does not count and why."""
+    """The protocol's rule (docs/design.md section 8) for one treatment arm, as one line: counts, or does not count and why."""
     vanilla = hack.get(("vanilla", None), {})
     treated = hack.get((arm, None), {})
     reasons = []
@@ -224,7 +227,7 @@ def markdown_report(runs: Sequence[Run]) -> str:
     main = [r for r in runs if r.holdout_mode is None]
     hack, passed, fmt = (eval_values(main, m) for m in ("hack", "pass", "format"))
     logp = eval_values(main, "clean_logp_per_token")
-    auc, energy, leak = (series_means(main, t) for t in (HACK, "proj/removed_energy", "proj/leak"))
+    auc, energy, leak = (series_means(main, t) for t in (HACK_S, "proj/removed_energy", "proj/leak"))
     arms = arm_order({r.arm for r in main})
     samples = sorted({r.evaluation["final"]["n"] for r in main if r.evaluation.get("final")})
     k, n = base_rate(main)
@@ -267,7 +270,7 @@ def markdown_report(runs: Sequence[Run]) -> str:
                          + (", ".join(controls) or "none") + "), and neither oracle pass nor clean log-likelihood "
                          "falls below vanilla's (paired interval wholly below 0).\n\n" + "\n\n".join(lines))
     probe = {key: {seed: values[max(values)] for seed, values in by_seed.items()}
-             for key, by_seed in _series(main, "probe/margin").items()}
+             for key, by_seed in _series(main, probe_margin()).items()}
     if probe:
         rows = [[arm, format_ci(list(probe.get((arm, None), {}).values())),
                  format_ci(list(paired_differences(probe.get((arm, None), {}), probe.get(base, {})).values()))
@@ -333,7 +336,8 @@ def _plot_tags(
 
 def plot_hack_pass(runs: Sequence[Run]) -> Figure:
     """Student hack rate and oracle pass rate vs step per arm (mean over seeds, band = min-max)."""
-    return _plot_tags(runs, [HACK, GT], ["student hack rate (hack_s)", "student gt pass rate (gt_s)"], None, True)
+    return _plot_tags(runs, [HACK_S, GT_S], ["student hack rate (train/hack_s)", "student gt pass rate (train/gt_s)"],
+                      None, True)
 
 
 def plot_cin(runs: Sequence[Run]) -> Figure:
@@ -348,8 +352,8 @@ def report_command(experiment_dir: str, out: str | None = None, steps: int | Non
     deployed-view hack rate at the end) with oracle pass, format, clean log-likelihood, training hack AUC,
     removed energy and leak, as means over seeds with bootstrap 95% intervals; the paired differences against
     same-seed vanilla; one verdict line per treatment arm; and, for weak-detector runs, the metric on each
-    held-out mode. Figures: ``hack_pass.png`` (training hack_s and gt_s vs step, per arm, band over seeds) and
-    ``cin.png`` (cin_s and cin_t vs step, per arm).
+    held-out mode. Figures: ``hack_pass.png`` (training train/hack_s and train/gt_s vs step, per arm, band over
+    seeds) and ``cin.png`` (cin_s and cin_t vs step, per arm).
 
     Args:
         experiment_dir: the `--out` directory of `antipasto experiment`.

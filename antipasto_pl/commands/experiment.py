@@ -26,9 +26,10 @@ from typing import Any, Literal
 
 import yaml
 
+from antipasto_pl.commands import CONFIG_DIR, resolve_config
 from antipasto_pl.env.modes import MODES, check_mode
 
-ARMS_DIR = Path(__file__).resolve().parents[1] / "configs" / "arms"
+ARMS_DIR = CONFIG_DIR / "arms"
 DEFAULT_ARMS = ["vanilla", "erase", "erase_refresh", "route", "erase_random", "erase_random_matched", "erase_stub",
                 "erase_nonhack"]
 # The likelihood-probe proxy: groups of demonstrations only (hacks against stubs without exploit, so the advantage
@@ -63,7 +64,8 @@ class RunSpec:
 
 
 def arm_config(arm: str) -> tuple[str, Path]:
-    """(name, YAML path) of an arm given by name (``configs/arms/<name>.yaml``) or by path (named by its stem)."""
+    """(name, YAML path) of an arm given by name (an installed ``configs/arms/<name>.yaml``) or by path (named by
+    its stem)."""
     path = Path(arm)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -107,7 +109,7 @@ def config_value(configs: list[str], overrides: list[tuple[str, str]], key: str)
 
 
 def plan_runs(
-    train_config: list[str],
+    configs: list[str],
     arms: list[str],
     seeds: list[int],
     leave_one_mode_out: bool = False,
@@ -120,16 +122,16 @@ def plan_runs(
 
     A weak-detector run holding out mode m extracts V from pairs of the other training modes only
     (``data.known_modes``) and serves teacher samples of the other modes only (``data.pool_modes``), while the
-    student still trains on m's problems: comparing ``<m>/hack_s`` of erase against vanilla run the same way
+    student still trains on m's problems: comparing ``train/<m>/hack_s`` of erase against vanilla run the same way
     tells whether erasing a V that never saw m still suppresses m.
     """
     overrides = parse_overrides(override or [])
-    base = [arg for path in train_config for arg in ("--config", str(Path(path).resolve()))]
+    base = [arg for path in configs for arg in ("--config", str(Path(path).resolve()))]
     tail = ([f"--trainer.max_steps={max_steps}"] if max_steps is not None else []) + [
         f"--{key}={value}" for key, value in overrides]
-    steps = max_steps if max_steps is not None else config_value(train_config, overrides, "trainer.max_steps")
+    steps = max_steps if max_steps is not None else config_value(configs, overrides, "trainer.max_steps")
     lomo = lomo_arms if leave_one_mode_out else []
-    training_modes = [check_mode(m) for m in config_value(train_config, overrides, "data.modes") or MODES]
+    training_modes = [check_mode(m) for m in config_value(configs, overrides, "data.modes") or MODES]
     held_out = [check_mode(m) for m in holdout_modes] if holdout_modes is not None else training_modes
     if leave_one_mode_out and not set(held_out) <= set(training_modes):
         raise ValueError(f"held-out modes {held_out} must be among the training modes {training_modes}")
@@ -182,7 +184,7 @@ def launch(spec: RunSpec, run_dir: Path, state: RunState) -> int:
 
 
 def experiment_command(
-    train_config: str | list[str],
+    config: list[str] = ["configs/cpu.yaml"],
     out: str = "runs/experiment",
     arms: list[str] = DEFAULT_ARMS,
     seeds: list[int] = [0, 1, 2],
@@ -200,14 +202,15 @@ def experiment_command(
     TensorBoard logs and resolved config.yaml under ``lightning_logs/``, its output in ``train.log`` and a ``DONE``
     marker once finished. Repeating the command skips finished runs and resumes interrupted ones from
     ``checkpoints/last.ckpt``. A failed run does not stop the others; the command lists the failures with their
-    logs and exits non-zero. Summarise with `antipasto report --experiment_dir <out>`.
+    logs and exits non-zero. Summarise with `antipasto report --experiment_dir <out>`. The command's own options may also come from
+    a YAML file (`--command_config experiment.yaml`).
 
     Args:
-        train_config: base training YAML, or a list of them applied in order (a preset and overlays:
-            `--train_config '[configs/cpu.yaml, my.yaml]'`; jsonargparse reserves `--config` for this command's
-            own arguments, so a whole experiment can itself live in a YAML file).
+        config: training YAML files applied in order, as for fit (a preset and overlays:
+            `--config configs/cpu.yaml --config my.yaml`); every run gets them, then its arm. Default: the cpu
+            preset. A `configs/...` path that is not a file here names the installed one.
         out: experiment directory; one subdirectory per run.
-        arms: arms to run: names of `configs/arms/<name>.yaml` (vanilla, erase, erase_refresh, route, and the
+        arms: arms to run: names of the installed `configs/arms/<name>.yaml` (vanilla, erase, erase_refresh, route, and the
             controls erase_random, erase_random_matched, erase_stub, erase_nonhack, erase_shuffled) or paths to arm
             YAML files.
         seeds: values of `seed_everything`, one run per arm per seed (data.seed stays as configured, so all runs
@@ -234,7 +237,9 @@ def experiment_command(
     """
     from tqdm import tqdm
 
-    configs = [train_config] if isinstance(train_config, str) else list(train_config)
+    configs = [resolve_config(path) for path in config]
+    if not configs:
+        raise ValueError("antipasto experiment needs a training config: --config configs/<preset>.yaml")
     for path in configs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"training config {path} not found")
