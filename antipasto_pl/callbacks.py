@@ -120,7 +120,8 @@ class CompletionWriter(BasePredictionWriter):
     """Write ``antipasto predict`` samples and their grades as JSON lines (one per completion).
 
     Args:
-        output_file: file name, relative to the run's log directory unless absolute.
+        output_file: file name, relative to the run's log directory unless absolute. Under DDP each rank writes
+            its own samples to its own file, ``<stem>.rank<r><suffix>`` (``predictions.rank1.jsonl``).
     """
 
     def __init__(self, output_file: str = "predictions.jsonl") -> None:
@@ -132,6 +133,8 @@ class CompletionWriter(BasePredictionWriter):
         path = Path(self.output_file)
         if not path.is_absolute():
             path = Path(trainer.log_dir or trainer.default_root_dir) / path
+        if trainer.world_size > 1:  # DDP: one file per rank, none truncating another's
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
         self._path = path

@@ -112,7 +112,11 @@ class ExactResume(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._loop_state = (trainer.global_step, copy.deepcopy(trainer.fit_loop.state_dict()))
-        if self._stop_signal is not None and self._max_steps is None:
+        # DDP: a signal can reach the ranks in different steps; all stop after the first step any rank saw it in.
+        stop = trainer.strategy.reduce_boolean_decision(self._stop_signal is not None, all=False)
+        if stop and self._stop_signal is None:  # another rank's signal: this rank's fit is interrupted as well
+            self._stop_signal = signal.SIGTERM
+        if stop and self._max_steps is None:
             self._max_steps, trainer.fit_loop.epoch_loop.max_steps = trainer.max_steps, trainer.global_step
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

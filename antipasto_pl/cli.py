@@ -112,6 +112,13 @@ class AntipastoCLI(LightningCLI):
 
     before_validate = before_test = before_predict = _warn_if_untrained
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse a sharding strategy before Lightning starts any process (or asks for a GPU, as FSDP does)."""
+        from antipasto_pl.distributed import check_strategy
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_strategy(config.get("trainer", {}).get("strategy", "auto"))
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from antipasto_pl.checkpointing import AtomicCheckpointIO
 

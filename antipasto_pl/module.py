@@ -36,6 +36,7 @@ from antipasto_pl.adapter import (
 )
 from antipasto_pl.callbacks import CompletionLogger, DeployedEvaluation, RefreshHackSubspace
 from antipasto_pl.checkpointing import ExactResume, collect_rng_states, set_rng_states
+from antipasto_pl import distributed
 from antipasto_pl.env.grader import Grade, Grader
 from antipasto_pl.env.modes import MODES
 from antipasto_pl.env.pool import TeacherPool
@@ -69,6 +70,7 @@ from antipasto_pl.sequences import PromptState, completion_token_ids, group_log_
 log = logging.getLogger(__name__)
 
 PROGRESS_BAR = (train_rate("reward", STUDENT), HACK_S, GT_S)
+LOSS_STATS = ("rho_mean", "clip_frac", "kl_mean")  # GRPOLoss.stats (kl_mean only with a reference)
 
 @dataclass
 class GradParts:
@@ -111,7 +113,7 @@ class AntipastoModule(L.LightningModule):
         gradient_clip_norm: clip the adapter gradient to this norm after projection (None: off).
         micro_batch_size: completions per forward/backward, taken from one group and one source; all chunks of
             a group share one prompt forward per pass (memory bound; results do not depend on it).
-        grader_workers: parallel sandboxes for grading (default: all cores).
+        grader_workers: parallel sandboxes for grading, per rank (default: the machine's cores / its ranks).
         eval_samples_per_prompt: samples per validation prompt.
         max_completion_tokens: the completion budget in tokens, EOS included (default: ``sampling.max_new_tokens``).
             Teacher records and detector pairs over it are dropped, never truncated: what is trained is what
@@ -175,7 +177,7 @@ class AntipastoModule(L.LightningModule):
         self.last_groups: list[Group] = []
         self._experience: ExperienceBuilder | None = None
         self._step_loss: Tensor | None = None
-        self._loss_stats: dict[str, Tensor] = {}
+        self._loss_stats: dict[str, list[Tensor]] = {}
         self._resume_rng: dict[str, Any] | None = None
         self.over_budget: dict[str, int] = {}  # records and pairs left out for the budget, by source
         keys = [train_rate(m, s) for m in RATES for s in SOURCES]
@@ -187,19 +189,22 @@ class AntipastoModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model, self.tokenizer = load_policy(self.policy_config)
-        wrap_model(model, self.adapter_config)
+        with distributed.local_zero_first(self._trainer):  # DDP: one conversion and SVD per node, the others read its cache
+            model, self.tokenizer = load_policy(self.policy_config)
+            wrap_model(model, self.adapter_config)
         self.model = model
 
     def setup(self, stage: str) -> None:
+        distributed.check_strategy(self.trainer.strategy)
         datamodule = self.trainer.datamodule
         if stage == "fit" and self.n_teacher and getattr(datamodule, "pool", None) is None:
             raise ValueError(
                 f"model.mix_ratio={self.hparams.mix_ratio} takes {self.n_teacher} of each group from the teacher "
                 "pool, but the data module serves none; set data.use_pool: true or model.mix_ratio: 0"
             )
-        if self.grader is None:
-            self.grader = Grader(max_workers=self.hparams.grader_workers)
+        if self.grader is None:  # DDP: the machine's cores are shared by its ranks
+            workers = distributed.split_workers(self.hparams.grader_workers, distributed.local_processes(self.trainer))
+            self.grader = Grader(max_workers=workers)
 
     def on_fit_start(self) -> None:
         """The training experience builder, drawing teachers only from the records within the completion budget
@@ -325,8 +330,31 @@ class AntipastoModule(L.LightningModule):
         # The quarantine moves only through routed gradient (written by the projection callback).
         for a in adapters.values():
             a.delta_s_hack.grad = None
-        self._loss_stats = {k: torch.stack(values).mean() for k, values in stats.items()}
+        self._loss_stats = stats  # per chunk; averaged over every rank's chunks when logged
         return total
+
+    def _average_over_ranks(self, loss: Tensor) -> Tensor:
+        """DDP: this optimizer step's one gradient reduction (every backward ran under ``no_sync``, see
+        ``distributed``). The ``delta_s`` gradients, their student part and the loss are averaged over ranks, so the
+        projection, clipping and step act on the same global gradient on every rank; a rank without a backward adds
+        zeros. The loss's denominator is per rank (its P prompts), so the mean is the loss of all ranks' prompts.
+        Returns the global loss; on one process, ``loss`` untouched."""
+        if distributed.world_size(self._trainer) == 1:
+            return loss
+        adapters = adapter_modules(self.model)
+        names = list(adapters)
+        present = torch.tensor(float(any(a.delta_s.grad is not None for a in adapters.values())), device=self.device)
+        full = [_grad(adapters[n].delta_s) for n in names]
+        student = [self.grad_parts.student[n] for n in names]
+        *averaged, loss, present = distributed.mean_over_ranks(self._trainer, [*full, *student, loss, present])
+        if present.item() == 0:  # no rank has a gradient yet: they stay unset, as on one process
+            return loss
+        full, student = averaged[:len(names)], averaged[len(names):]
+        for name, grad in zip(names, full):
+            adapters[name].delta_s.grad = grad
+        self.grad_parts = GradParts(student=dict(zip(names, student)),
+                                    teacher={n: f - s for n, f, s in zip(names, full, student)})
+        return loss
 
     # --- the step -----------------------------------------------------------------------------------
 
@@ -343,24 +371,32 @@ class AntipastoModule(L.LightningModule):
         for _ in range(hp.ppo_epochs):
             clock = time.perf_counter()
             optimizer.zero_grad(set_to_none=False)
-            loss = self._step_loss = self.backward_groups(experience.chunks, experience.frozen, len(batch))
+            with distributed.local_backward(self._trainer):  # DDP: reduced once below, not per backward
+                loss = self.backward_groups(experience.chunks, experience.frozen, len(batch))
+            loss = self._step_loss = self._average_over_ranks(loss)
             seconds["loss_backward"] += time.perf_counter() - clock
             clock = time.perf_counter()
             optimizer.step()
             refresh_merged(self.model)  # the next forward (sampling or scoring) runs on the new weights
             seconds["optimizer"] += time.perf_counter() - clock
-        n_active = sum(g.active for g in groups)
         # After the step: in the first step of a fit, Lightning drops what training_step logged before the
-        # optimizer hooks logged theirs.
+        # optimizer hooks logged theirs. Every value is global: rates through torchmetrics, counts and loss
+        # statistics as sums over ranks, stage times as the slowest rank's; what is logged is decided on those.
         self.log_rates(groups)
-        sandbox_errors = sum(s.grade.error == "sandbox" for g in groups for s in g.samples)
-        self.log(SANDBOX_ERRORS, float(sandbox_errors), reduce_fx="sum", batch_size=1)
-        for key, value in self._loss_stats.items():
-            self.log(f"train/{key}", value, batch_size=len(batch))
+        totals = {"active_groups": sum(g.active for g in groups),
+                  "sandbox_errors": sum(s.grade.error == "sandbox" for g in groups for s in g.samples)}
+        for key in LOSS_STATS:
+            values = self._loss_stats.get(key, [])
+            totals[f"{key}/sum"], totals[f"{key}/n"] = float(sum(values)), len(values)
+        totals = distributed.reduce_values(self._trainer, totals)
+        self.log(SANDBOX_ERRORS, totals["sandbox_errors"], reduce_fx="sum", batch_size=1)
+        for key in LOSS_STATS:
+            if totals[f"{key}/n"]:
+                self.log(f"train/{key}", totals[f"{key}/sum"] / totals[f"{key}/n"], batch_size=len(batch))
         self.log("train/loss", loss, batch_size=len(batch))
-        self.log("train/active_groups", float(n_active), batch_size=len(batch))
+        self.log("train/active_groups", totals["active_groups"], batch_size=len(batch))
         # Wall-clock seconds of this step's stages (grade_wait: grading not hidden behind sampling).
-        for key, value in seconds.items():
+        for key, value in distributed.reduce_values(self._trainer, seconds, op="max").items():
             self.log(f"time/{key}", value, batch_size=len(batch))
         return loss
 
@@ -491,12 +527,25 @@ class AntipastoModule(L.LightningModule):
         # Saved at train-batch end, after every other callback's hook of this step: the state the next
         # step starts from (evaluation in between runs on a forked RNG).
         checkpoint["rng_states"] = collect_rng_states()
+        if distributed.world_size(self._trainer) > 1:  # DDP: every rank's, in rank order (rank 0 writes the file)
+            checkpoint["rng_states_per_rank"] = distributed.gather_objects(self._trainer, checkpoint["rng_states"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "adapter_metadata" not in checkpoint:
             raise ValueError("checkpoint has no 'adapter_metadata'; expected one written by antipasto fit")
         check_adapter_metadata(self.model, checkpoint["adapter_metadata"], "checkpoint")
         self._resume_rng = checkpoint.get("rng_states")
+        ranks, world = checkpoint.get("rng_states_per_rank"), distributed.world_size(self._trainer)
+        if ranks is not None and len(ranks) == world:
+            self._resume_rng = ranks[self.global_rank]
+        elif world > 1 or ranks is not None:
+            log.warning("checkpoint written by %d process(es), resumed on %d: sampling does not continue exactly",
+                        len(ranks or [None]), world)
+
+    def on_train_start(self) -> None:
+        """DDP: each rank its own sampling stream on a fresh run (a resumed one restores each rank's own)."""
+        if self._resume_rng is None and self.global_step == 0:
+            distributed.seed_rank(run_seed(), self.global_rank)
 
     def on_train_batch_start(self, batch: list[Problem], batch_idx: int) -> None:
         """Restore the checkpoint's RNG states right before the first resumed step: sanity validation and

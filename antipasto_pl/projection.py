@@ -1,7 +1,8 @@
 """The ``HackProjection`` Callback: project every adapter gradient against the hack subspace V.
 
-Acts in ``on_before_optimizer_step``, i.e. after backward (and after DDP's all-reduce, so every
-rank projects the same synchronised gradient) and before clipping and the optimizer step. The
+Acts in ``on_before_optimizer_step``, i.e. after backward (and after the step's gradient reduction over
+DDP ranks, ``AntipastoModule._average_over_ranks``, so every rank projects the same global gradient) and
+before clipping and the optimizer step. The
 math lives in ``projection_math``; this file only reads gradients, writes them back and logs.
 """
 
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from antipasto_pl import distributed
 from antipasto_pl.adapter import adapter_modules
 from antipasto_pl.projection_math import (
     Gate,
@@ -150,7 +152,9 @@ class HackProjection(Callback):
         """V (of this arm's kind, or `kind`) on the current policy from the data module's detector pairs (cached on
         disk), noise floor applied."""
         pairs, settings = self._extraction(pl_module, datamodule, kind)
-        subspace = load_or_extract(pl_module.model, pl_module.tokenizer, pairs, settings, self._cache_dir)
+        # DDP: extracted (or loaded) on rank 0 only and handed to the others, so every rank projects with one V.
+        subspace = distributed.computed_once(pl_module._trainer, lambda: load_or_extract(
+            pl_module.model, pl_module.tokenizer, pairs, settings, self._cache_dir).to("cpu"))
         drop = self.config.drop_bottom_frac
         return subspace.after_noise_floor(drop) if drop > 0 else subspace
 
