@@ -128,6 +128,9 @@ def test_markdown_tables_and_verdict_from_synthetic_runs() -> None:
     strong = [run("erase_stub", s, h) for s, h in enumerate([16, 8, 12])]
     text = markdown_report(vanilla + erase + random + strong)
     assert "**erase: does not count**: it does not lower the hack rate more than erase_stub" in text
+    # a control without a finished run yet is named as not compared, not as beaten or unbeaten
+    pending = Run("erase_nonhack-s0", "erase_nonhack", 0, None, {}, {})
+    assert "no seed compares it with erase_nonhack yet" in markdown_report(vanilla + erase + random + [pending])
     # a vanilla that does not hack beyond the untrained rate voids every verdict
     idle = [run("vanilla", s, 2, untrained=2) for s in range(3)]
     assert "vanilla does not hack beyond the untrained rate" in markdown_report(idle + erase)
