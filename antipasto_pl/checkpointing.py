@@ -55,8 +55,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         check_checkpoint_file(path)

@@ -164,8 +164,10 @@ def test_resume_audit(tmp_path: Path, case: Case) -> None:
     batches = case.steps // (2 if "--model.ppo_epochs=2" in case.overlay else 1)
     assert sorted(metrics_a["train/loss"]) == list(range(batches)) and "proj/leak" in metrics_a
     # The first run's end also evaluated its final policy (deployed view; the held-out evaluation unless a signal
-    # stopped it).
-    for tag in [t for t in metrics_b if t in ("val/hack_deploy", "val/solve_deploy") or t.startswith("test/")]:
+    # stopped it; the untrained policy's evaluation is at step 0 only).
+    final = [t for t in metrics_b if t in ("val/hack_deploy", "val/solve_deploy")
+             or (t.startswith("test/") and not t.startswith("test/untrained/"))]
+    for tag in final:
         if stopped_at not in metrics_a.get(tag, {}):
             metrics_b[tag].pop(stopped_at, None)
     assert metrics_a == metrics_b
