@@ -259,10 +259,12 @@ def experiment_command(
     for spec, run_dir, state in zip(runs, dirs, states):
         bar.set_postfix_str(f"{spec.name} ({state}) | done {counts['done']} skipped {counts['skipped']} "
                             f"failed {len(failed)}")
-        code = 0 if state == "done" else launch(spec, run_dir, state)
         if state == "done":
             counts["skipped"] += 1
-        elif code == 0:
+            bar.update()
+            continue
+        code = launch(spec, run_dir, state)
+        if code == 0:
             counts["done"] += 1
             bar.write(f"{spec.name}: finished ({'resumed' if state == 'resume' else 'new'})")
         elif code - 128 in (signal.SIGINT, signal.SIGTERM):  # the fit stopped at a checkpoint: so does the matrix
