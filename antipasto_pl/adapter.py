@@ -61,7 +61,6 @@ class AdapterConfig:
             or ``lm_head``).
         r_max: keep only the top ``r_max`` singular axes per module (None: full rank).
         svd_cache: cache SVD factors on disk, keyed by a hash of the weight bytes.
-        cache_dir: cache root (default: ``$ANTIPASTO_CACHE`` or ``~/.cache/antipasto_pl``).
         merged_forward: train and sample on the materialised ``W + U diag(delta) Vh``, re-merged once
             per change of the vectors: 2 matrix products per layer forward and backward instead of 3,
             for one more copy of the wrapped weights in memory. None: on for float32 weights, off for
@@ -72,7 +71,6 @@ class AdapterConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     r_max: int | None = None
     svd_cache: bool = True
-    cache_dir: str | None = None
     merged_forward: bool | None = None
 
     def __post_init__(self) -> None:
@@ -137,7 +135,7 @@ class SVDAdapter(nn.Module):
     def merged_weight(self, weight: Tensor) -> Tensor:
         """``W + U diag(delta) Vh`` for the current mode, in W's dtype: (d_out, d_in); merged again only
         if a vector, the mode or ``W`` changed since the cached one."""
-        key = (self.mode, *(_identity(t) for t in (weight, self.delta_s, self.delta_s_hack)))
+        key = (self.mode, *(tensor_identity(t) for t in (weight, self.delta_s, self.delta_s_hack)))
         if self._merged is None or key != self._merged_key:
             # Outside inference mode: the cache is also saved for backward by training forwards.
             with torch.inference_mode(False), torch.no_grad():
@@ -153,7 +151,7 @@ class SVDAdapter(nn.Module):
         return f"rank={self.rank}, weight_hash={self.weight_hash[:12]}, merged_forward={self.merged_forward}"
 
 
-def _identity(t: Tensor) -> tuple:
+def tensor_identity(t: Tensor) -> tuple:
     """What changes when ``t`` is replaced, moved or modified in place."""
     return id(t), t._version, t.data_ptr(), t.device, t.dtype
 
@@ -290,7 +288,7 @@ def wrap_model(model: nn.Module, cfg: AdapterConfig | None = None) -> AdapterSum
             f"no nn.Linear in {type(model).__name__} is named like adapter.target_modules="
             f"{list(cfg.target_modules)}"
         )
-    cache_dir = cache_root(cfg.cache_dir) / "svd" if cfg.svd_cache else None
+    cache_dir = cache_root() / "svd" if cfg.svd_cache else None
     n_base = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
     for name, linear in linears.items():
@@ -399,7 +397,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = {k: v for k, v in model.state_dict().items() if ".svd_adapter." not in k}
     with torch.no_grad():
         for name, adapter in adapter_modules(model).items():
-            state[f"{name}.weight"] = adapter.merge_into(linears[name].weight)
+            weight = linears[name].weight
+            # Layers that train on merged weights hold the current merge already.
+            state[f"{name}.weight"] = adapter.merged_weight(weight) if adapter.merged_forward else adapter.merge_into(weight)
     return state
 
 

@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -24,6 +24,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from antipasto_pl.storage import CACHE_ENV
 
 EXTRA_COMMANDS: dict[str, str] = {
     "build-pool": "antipasto_pl.commands.build_pool:build_pool_command",
@@ -86,6 +88,9 @@ class AntipastoCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--cache_dir", type=Optional[str], default=None,
+                            help="root of the on-disk cache: converted models, SVD factors, hack subspaces, teacher "
+                                 f"pools (default: ${CACHE_ENV}, else ~/.cache/antipasto_pl)")
         # One prefill for the student's turns and the data's written ones (pool records, pairs).
         parser.link_arguments("model.sampling.prefill", "data.prefill")
 
@@ -113,11 +118,14 @@ class AntipastoCLI(LightningCLI):
     before_validate = before_test = before_predict = _warn_if_untrained
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a sharding strategy before Lightning starts any process (or asks for a GPU, as FSDP does)."""
+        """Refuse a sharding strategy before Lightning starts any process (or asks for a GPU, as FSDP does); set
+        the cache root from ``cache_dir``."""
         from antipasto_pl.distributed import check_strategy
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_strategy(config.get("trainer", {}).get("strategy", "auto"))
+        if config.get("cache_dir"):  # the one cache root, for this process and the ranks it launches
+            os.environ[CACHE_ENV] = str(config["cache_dir"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         from antipasto_pl.checkpointing import AtomicCheckpointIO

@@ -100,7 +100,6 @@ class AntipastoDataModule(L.LightningDataModule):
             that gives groups of demonstrations alone reward variance (the likelihood-probe proxy).
         pool_seed: Seed of the pool's completion variants (shared across run seeds so arms see one pool).
         use_pool: Serve a teacher pool at all (False for pure-student GRPO).
-        cache_dir: Cache root for auto-built pools (default ``$ANTIPASTO_CACHE`` or ``~/.cache/antipasto_pl``).
         num_workers: DataLoader workers (batches are tiny; 0 is right almost always).
     """
 
@@ -127,7 +126,6 @@ class AntipastoDataModule(L.LightningDataModule):
         pool_stub_frac: float = 0.0,
         pool_seed: int = 0,
         use_pool: bool = True,
-        cache_dir: str | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -165,7 +163,7 @@ class AntipastoDataModule(L.LightningDataModule):
         settings = [problem_set_hash(self.source_problems), hp.pool_per_prompt, hp.pool_hack_frac, hp.pool_seed,
                     hp.prefill, hp.pool_stub_frac]
         key = hashlib.sha256(json.dumps([*settings, FORMAT_VERSION]).encode()).hexdigest()[:16]
-        return cache_root(hp.cache_dir) / "pools" / key
+        return cache_root() / "pools" / key
 
     def prepare_data(self) -> None:
         """Build the teacher pool once (Lightning calls this on one process before `setup` on all)."""

@@ -54,6 +54,7 @@ class Sample:
     token_ids: tuple[int, ...]
     grade: Grade | None = None
     advantage: float = 0.0
+    sampler_log_probs: tuple[float, ...] = ()  # a student token's log-prob under the distribution it was drawn from
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Chunk(NamedTuple):
     batch: GroupBatch
     advantages: Tensor  # (B,)
     group: int
+    sampler_logp: Tensor | None = None  # (B, Lc): students of an approximate sampler, for importance weights
 
 
 # Per chunk: log-probs under the rollout policy (the PPO ratio's denominator; only with several inner iterations)
@@ -160,7 +162,8 @@ class ExperienceBuilder:
         self.grade(groups)
         lap("grade_wait")
         device = next(model.parameters()).device
-        chunks = {source: self.micro_batches(groups, source, device) for source in SOURCES}
+        chunks = {source: self.micro_batches(groups, source, device, with_sampler_logp=not self.samples_exactly(model))
+                  for source in SOURCES}
         # Both sources at once, so each frozen policy runs each group's prompt once.
         flat = frozen_log_probs(model, chunks[STUDENT] + chunks[TEACHER], want_old, want_ref)
         n_student = len(chunks[STUDENT])
@@ -181,7 +184,8 @@ class ExperienceBuilder:
         if self.n_student:
             student = self.sampler(model, self.tokenizer, self.contexts(problems), self.n_student, self.sampling)
             for group, completions in zip(groups, student):
-                group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids) for c in completions]
+                group.samples[:0] = [Sample(STUDENT, c.text, c.token_ids, sampler_log_probs=c.log_probs)
+                                     for c in completions]
         return groups
 
     def teacher_records(self, problem: Problem, step: int) -> list[PoolRecord]:
@@ -205,9 +209,17 @@ class ExperienceBuilder:
             for sample, advantage in zip(group.samples, advantages.tolist()):
                 sample.advantage = advantage
 
-    def micro_batches(self, groups: list[Group], source: str, device: torch.device) -> list[Chunk]:
+    def samples_exactly(self, model: nn.Module) -> bool:
+        """Whether the sampler draws from the policy's own distribution (``KVCacheSampler.samples_exactly``;
+        a backend without the method is taken to be exact)."""
+        check = getattr(self.sampler, "samples_exactly", None)
+        return check is None or check(model)
+
+    def micro_batches(self, groups: list[Group], source: str, device: torch.device,
+                      with_sampler_logp: bool = False) -> list[Chunk]:
         """Chunks of at most ``micro_batch_size`` rows of one active group and one source. Empty completions
-        are left out: they have no token to score."""
+        are left out: they have no token to score. ``with_sampler_logp``: student chunks carry the sampler's
+        log-probs (right-padded with 0, aligned with the completion mask)."""
         size = self.micro_batch_size
         chunks = []
         for index, group in enumerate(groups):
@@ -216,7 +228,13 @@ class ExperienceBuilder:
                 chunk = rows[start:start + size]
                 batch = group_batch(group.prompt_ids, [s.token_ids for s in chunk], self.tokenizer.pad_token_id)
                 advantages = torch.tensor([s.advantage for s in chunk], dtype=torch.float32)
-                chunks.append(Chunk(batch.to(device), advantages.to(device), index))
+                sampler_logp = None
+                if with_sampler_logp and source == STUDENT:
+                    sampler_logp = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+                    for row, s in enumerate(chunk):
+                        sampler_logp[row, :len(s.sampler_log_probs)] = torch.tensor(s.sampler_log_probs)
+                    sampler_logp = sampler_logp.to(device)
+                chunks.append(Chunk(batch.to(device), advantages.to(device), index, sampler_logp))
         return chunks
 
     # --- prompts --------------------------------------------------------------------------------------------

@@ -50,6 +50,42 @@ def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
+def warp_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The logits of the distribution that is sampled: divided by ``temperature``, tokens outside the top-p
+    nucleus set to -inf (as HF's ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``). Unchanged for greedy."""
+    # logits: (B, V) float32 -> (B, V)
+    if temperature == 0:
+        return logits
+    scores = logits / temperature if temperature != 1.0 else logits
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        remove[..., -1:] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scores
+
+
+def sampling_log_probs(logits: Tensor, targets: Tensor, temperature: float, top_p: float) -> Tensor:
+    """log-probs of ``targets`` under the distribution a sampler draws from at ``temperature`` / ``top_p``
+    (``warp_logits``), detached: what an exact sampler would have reported for the same tokens."""
+    # logits: (B, L, V), targets: (B, L) -> (B, L)
+    with torch.no_grad():
+        rows = [
+            torch.log_softmax(warp_logits(row.float(), temperature, top_p), dim=-1).gather(-1, target[:, None]).squeeze(-1)
+            for row, target in zip(logits, targets)
+        ]
+    return torch.stack(rows)
+
+
+def truncated_importance_weights(policy_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
+    """Token-level truncated importance weights min(pi(y_t) / q(y_t), C) for tokens drawn from an approximate
+    sampler q (e.g. low-precision weights) instead of the policy pi, as TRL and verl correct vLLM samples (TIS):
+    the loss of token t is multiplied by its weight, so the gradient is an estimate under pi again, its variance
+    bounded by the cap. Both log-probs are of the sampled distribution (after temperature / top-p); detached."""
+    # policy_logp, sampler_logp: (B, T) -> (B, T)
+    return torch.exp(policy_logp.detach() - sampler_logp).clamp(max=cap)
+
+
 def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
 
@@ -125,7 +161,7 @@ class GRPOLoss:
 
     loss: Tensor  # (): equals per_sequence.sum()
     per_sequence: Tensor  # (B,): index with the student / teacher rows to get loss_s, loss_t
-    stats: dict[str, Tensor]  # detached scalars: rho_mean, clip_frac, kl_mean (when ref_logp given)
+    stats: dict[str, Tensor]  # detached scalars: rho_mean, clip_frac, kl_mean (with ref_logp), is_weight_mean (with is_weight)
 
 
 def grpo_loss(
@@ -139,6 +175,7 @@ def grpo_loss(
     clip_eps: float = 0.2,
     mode: Reduction = "dr_grpo",
     denom: float | None = None,
+    is_weight: Tensor | None = None,
 ) -> GRPOLoss:
     """Per token PPO-clip + beta * K3, masked and reduced (docs/design.md section 7).
 
@@ -146,9 +183,10 @@ def grpo_loss(
     samples have no sampling policy of their own either). `ref_logp` comes from the free reference
     (adapter zeroed) and is required when beta > 0; given with beta = 0 it is only logged.
     clip_frac counts tokens whose gradient the clip removed (rho > 1+eps with A > 0, or
-    rho < 1-eps with A < 0).
+    rho < 1-eps with A < 0). `is_weight` (``truncated_importance_weights``) scales each token's loss, KL
+    included, for tokens an approximate sampler drew.
     """
-    # logp, logp_old, ref_logp, completion_mask: (B, T), advantages: (B,) or (B, T)
+    # logp, logp_old, ref_logp, completion_mask, is_weight: (B, T), advantages: (B,) or (B, T)
     if beta != 0.0 and ref_logp is None:
         raise ValueError("beta > 0 needs ref_logp from the reference policy")
     if logp_old is None:
@@ -158,6 +196,8 @@ def grpo_loss(
     kl = None if ref_logp is None else k3_kl(logp, ref_logp)
     if kl is not None and beta != 0.0:
         token_loss = token_loss + beta * kl
+    if is_weight is not None:
+        token_loss = token_loss * is_weight
     per_sequence = per_sequence_loss(token_loss, mask, mode, denom)
 
     with torch.no_grad():
@@ -169,4 +209,6 @@ def grpo_loss(
         stats = {"rho_mean": _masked_mean(ratio, mask), "clip_frac": _masked_mean(clipped.float(), mask)}
         if kl is not None:
             stats["kl_mean"] = _masked_mean(kl, mask)
+        if is_weight is not None:
+            stats["is_weight_mean"] = _masked_mean(is_weight, mask)
     return GRPOLoss(loss=per_sequence.sum(), per_sequence=per_sequence, stats=stats)

@@ -89,8 +89,6 @@ class PolicyConfig:
         dtype: parameter dtype: float32, bfloat16, float16 or float64.
         seed: seed for the random initialisation of tiny models.
         config_overrides: extra config fields for tiny models (e.g. ``num_hidden_layers``).
-        cache_dir: where converted models and SVDs are cached (default: ``$ANTIPASTO_CACHE``
-            or ``~/.cache/antipasto_pl``).
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
     """
 
@@ -98,7 +96,6 @@ class PolicyConfig:
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    cache_dir: str | None = None
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
@@ -196,7 +193,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_smollm2(cache_dir: str | None = None) -> Path:
+def convert_smollm2() -> Path:
     """Dequantise the SmolLM2 GGUF into a ``from_pretrained`` directory, once.
 
     The dequantised GGUF model refuses ``save_pretrained``, so a fresh model is built from
@@ -205,7 +202,7 @@ def convert_smollm2(cache_dir: str | None = None) -> Path:
     """
     gguf_path = smollm2_gguf_path()
     key = _file_digest(gguf_path)[:16]
-    target = cache_root(cache_dir) / "models" / f"{SMOLLM2_NAME}-{key}"
+    target = cache_root() / "models" / f"{SMOLLM2_NAME}-{key}"
     if (target / "config.json").is_file():
         return target
     log.info("Converting %s into %s (once)", gguf_path.name, target)
@@ -243,7 +240,7 @@ def load_policy(cfg: PolicyConfig) -> tuple[PreTrainedModel, PreTrainedTokenizer
     if cfg.name in TINY_CONFIGS:
         model, tokenizer = _tiny_policy(cfg)
     else:
-        source = str(convert_smollm2(cfg.cache_dir)) if cfg.name == SMOLLM2_NAME else cfg.name
+        source = str(convert_smollm2()) if cfg.name == SMOLLM2_NAME else cfg.name
         _check_source(source)
         check_decoder_only(AutoConfig.from_pretrained(source))
         tokenizer = AutoTokenizer.from_pretrained(source)

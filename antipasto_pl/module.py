@@ -59,18 +59,19 @@ from antipasto_pl.experience import (
     shared_prompt_pass,
     teacher_count,
 )
-from antipasto_pl.grpo import Reduction, grpo_loss
+from antipasto_pl.grpo import Reduction, grpo_loss, truncated_importance_weights
 from antipasto_pl.metrics import GT_S, HACK_S, RATES, SANDBOX_ERRORS, train_rate
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
 from antipasto_pl.rollout import KVCacheSampler, Sampler, SamplingConfig
 from antipasto_pl.seeds import run_seed
-from antipasto_pl.sequences import PromptState, completion_token_ids, group_log_probs
+from antipasto_pl.sequences import PromptState, completion_token_ids, scored_group
 
 log = logging.getLogger(__name__)
 
 PROGRESS_BAR = (train_rate("reward", STUDENT), HACK_S, GT_S)
-LOSS_STATS = ("rho_mean", "clip_frac", "kl_mean")  # GRPOLoss.stats (kl_mean only with a reference)
+# GRPOLoss.stats (kl_mean only with a reference, is_weight_mean only with an approximate sampler)
+LOSS_STATS = ("rho_mean", "clip_frac", "kl_mean", "is_weight_mean")
 
 @dataclass
 class GradParts:
@@ -124,6 +125,8 @@ class AntipastoModule(L.LightningModule):
         on_nonfinite: what a non-finite adapter gradient (or loss) does: ``skip`` the optimizer step
             (every gradient is dropped, so AdamW leaves parameters and moments untouched; the step is
             reported with the offending modules) or ``stop`` the run with that report.
+        importance_sampling_cap: C of the truncated importance weights ``min(pi / q, C)`` on student tokens of an
+            approximate sampler (``KVCacheSampler(weights=bfloat16)`` on a float32 policy; TRL's default cap).
     """
 
     def __init__(
@@ -154,11 +157,14 @@ class AntipastoModule(L.LightningModule):
         on_nonfinite: Literal["skip", "stop"] = "skip",
         heldout: HeldOutConfig = HeldOutConfig(),
         probe_every: int | None = None,
+        importance_sampling_cap: float = 3.0,
     ) -> None:
         super().__init__()
         teacher = teacher_count(group_size, mix_ratio)
         if not 0.0 <= mix_ratio <= 1.0 or group_size < 2:
             raise ValueError(f"need group_size >= 2 and 0 <= mix_ratio <= 1, got {group_size} and {mix_ratio}")
+        if importance_sampling_cap <= 0:
+            raise ValueError(f"importance_sampling_cap must be > 0, got {importance_sampling_cap}")
         if ppo_epochs < 1 or micro_batch_size < 1:
             raise ValueError(f"ppo_epochs and micro_batch_size must be >= 1, got {ppo_epochs}, {micro_batch_size}")
         self.save_hyperparameters(ignore=["sampler"])
@@ -280,9 +286,13 @@ class AntipastoModule(L.LightningModule):
             return float(self.hparams.group_size * self.max_completion_tokens * n_prompts)
         return float(self.hparams.group_size * n_prompts)
 
-    def backward_groups(self, chunks_by_source: dict[str, list[Chunk]], frozen: dict[str, list], n_prompts: int) -> Tensor:
+    def backward_groups(self, chunks_by_source: dict[str, list[Chunk]], frozen: dict[str, list], n_prompts: int,
+                        is_weights: dict[int, Tensor] | None = None) -> Tensor:
         """Loss and backward, students first, so the student gradient can be read off before the teacher's
         adds to it (``GradParts``) without a second backward. Returns the detached total loss.
+
+        Chunks of an approximate sampler get importance weights pi_old / q, computed in the first PPO epoch (on
+        the rollout policy) and kept in ``is_weights`` (chunk position -> (B, Lc)) for the later ones.
 
         Each group's prompt runs forward once per call: its ``PromptState`` (keys/values and first logit, with
         their graph) serves the group's chunks of both sources, and every backward through it but the group's
@@ -292,6 +302,7 @@ class AntipastoModule(L.LightningModule):
         scored (prompt-only activations: no completion rows, no logits beyond the last position).
         """
         adapters = adapter_modules(self.model)
+        is_weights = {} if is_weights is None else is_weights
         total = torch.zeros((), device=self.device)
         stats: dict[str, list[Tensor]] = {}
         student_grad: dict[str, Tensor] = {}
@@ -300,15 +311,21 @@ class AntipastoModule(L.LightningModule):
         states: dict[int, PromptState | None] = {}
         position = 0
         for source in SOURCES:
-            for (batch, advantages, group), (old, ref) in zip(chunks_by_source[source], frozen[source]):
+            for (batch, advantages, group, sampler_logp), (old, ref) in zip(chunks_by_source[source], frozen[source]):
                 if group not in states:
                     states[group] = shared_prompt_pass(self.model, batch)
                 state = states[group]
-                logp = group_log_probs(self.model, batch, prompt_state=state)
+                needs_weight = sampler_logp is not None and position not in is_weights
+                warp = (self.sampling.temperature, self.sampling.top_p) if needs_weight else None
+                logp, policy_sampled_logp = scored_group(self.model, batch, prompt_state=state, warp=warp)
+                if needs_weight:
+                    is_weights[position] = truncated_importance_weights(
+                        policy_sampled_logp, sampler_logp, self.hparams.importance_sampling_cap)
+                is_weight = is_weights.get(position)
                 out = grpo_loss(
                     logp, advantages, batch.completion_mask, logp_old=old, ref_logp=ref,
                     beta=self.hparams.beta, clip_eps=self.hparams.clip_eps,
-                    mode=self.hparams.loss_reduction, denom=self._denominator(n_prompts),
+                    mode=self.hparams.loss_reduction, denom=self._denominator(n_prompts), is_weight=is_weight,
                 )
                 last = last_use[group] == position
                 self.manual_backward(out.loss, retain_graph=state is not None and not last)
@@ -368,11 +385,12 @@ class AntipastoModule(L.LightningModule):
         groups = self.last_groups = experience.groups
         seconds = {**experience.seconds, "loss_backward": 0.0, "optimizer": 0.0}
         loss = torch.zeros((), device=self.device)
+        is_weights: dict[int, Tensor] = {}  # of an approximate sampler's tokens, from the first epoch
         for _ in range(hp.ppo_epochs):
             clock = time.perf_counter()
             optimizer.zero_grad(set_to_none=False)
             with distributed.local_backward(self._trainer):  # DDP: reduced once below, not per backward
-                loss = self.backward_groups(experience.chunks, experience.frozen, len(batch))
+                loss = self.backward_groups(experience.chunks, experience.frozen, len(batch), is_weights)
             loss = self._step_loss = self._average_over_ranks(loss)
             seconds["loss_backward"] += time.perf_counter() - clock
             clock = time.perf_counter()

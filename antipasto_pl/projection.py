@@ -38,7 +38,6 @@ from antipasto_pl.vhack import (
     LengthNorm,
     SubspaceKind,
     cache_path,
-    default_cache_dir,
     load_or_extract,
 )
 
@@ -73,7 +72,6 @@ class ProjectionConfig:
             the one matching the loss reduction (``sum`` for dr_grpo), since a mismatch biases V
             toward short completions.
         subspace_path: load V from this file instead of extracting (must match the model).
-        cache_dir: cache root for extracted subspaces.
     """
 
     intervention: Intervention = "none"
@@ -88,7 +86,6 @@ class ProjectionConfig:
     drop_bottom_frac: float = 0.0
     length_norm: LengthNorm | None = None
     subspace_path: str | None = None
-    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -142,11 +139,7 @@ class HackProjection(Callback):
     def cache_file(self, pl_module: L.LightningModule, datamodule: Any) -> Path:
         """Where ``extract`` caches V for the current policy."""
         pairs, settings = self._extraction(pl_module, datamodule)
-        return cache_path(pl_module.model, pl_module.tokenizer, pairs, settings, self._cache_dir)
-
-    @property
-    def _cache_dir(self) -> Path:
-        return default_cache_dir(self.config.cache_dir)
+        return cache_path(pl_module.model, pl_module.tokenizer, pairs, settings)
 
     def extract(self, pl_module: L.LightningModule, datamodule: Any, kind: SubspaceKind | None = None) -> HackSubspace:
         """V (of this arm's kind, or `kind`) on the current policy from the data module's detector pairs (cached on
@@ -154,7 +147,7 @@ class HackProjection(Callback):
         pairs, settings = self._extraction(pl_module, datamodule, kind)
         # DDP: extracted (or loaded) on rank 0 only and handed to the others, so every rank projects with one V.
         subspace = distributed.computed_once(pl_module._trainer, lambda: load_or_extract(
-            pl_module.model, pl_module.tokenizer, pairs, settings, self._cache_dir).to("cpu"))
+            pl_module.model, pl_module.tokenizer, pairs, settings).to("cpu"))
         drop = self.config.drop_bottom_frac
         return subspace.after_noise_floor(drop) if drop > 0 else subspace
 

@@ -1,17 +1,20 @@
 """Sampling completions from the policy (the "generate" stage of a GRPO step).
 
 The sampler is an interface (``model.sampler`` in the config: a class path and its arguments) so a backend can
-replace another without touching the trainer. Two exact backends, both sampling on merged weights from exactly
-the policy's distribution at ``temperature`` / ``top_p`` (HF's warpers):
+replace another without touching the trainer. Two backends, sampling on merged weights from the policy's
+distribution at ``temperature`` / ``top_p`` (HF's warpers):
 
 * ``hf_generate`` (``HFGenerate`` in a config): Hugging Face ``generate``, the reference.
 * ``KVCacheSampler`` (the default): a decode loop of its own on the model's forward, with a preallocated key/value
   cache, each distinct context prefilled once and its cache shared by all of its samples, finished rows dropped
   from the batch, and per-row stop strings. Models whose cache is not plain keys and values (Qwen3.5's
-  GatedDeltaNet) fall back to ``hf_generate``.
+  GatedDeltaNet) fall back to ``hf_generate``. With ``weights: bfloat16`` a float32 policy is sampled from a
+  bfloat16 copy: approximately, and the trainer importance-weights those tokens.
 
 Every backend returns, per completion, the sampled token ids and their log-probs under the distribution it
-sampled from (after temperature and top-p; for greedy decoding, the policy's own log-probs).
+sampled from (after temperature and top-p; for greedy decoding, the policy's own log-probs). A backend that
+samples from another distribution than the policy's says so with ``samples_exactly(model) -> False``; one without
+that method is taken to be exact.
 
 Stop strings (``sampling.stop``): a row ends at the first token whose text completes one of them in the
 completion's text (a stop may span tokens); that token is kept, so the completion holds the stop text (a closing
@@ -24,14 +27,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from antipasto_pl.adapter import merged_weights
+from antipasto_pl.adapter import adapter_modules, merged_state_dict, merged_weights, tensor_identity
+from antipasto_pl.grpo import warp_logits
 from antipasto_pl.sequences import shares_prompt_cache, with_cache
 
 log = logging.getLogger(__name__)
@@ -91,21 +95,6 @@ class Sampler(Protocol):
 
 
 # --- shared pieces --------------------------------------------------------------------------------------------
-
-
-def warp_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """The logits of the distribution that is sampled: divided by ``temperature``, tokens outside the top-p
-    nucleus set to -inf (as HF's ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``). Unchanged for greedy."""
-    # logits: (B, V) float32 -> (B, V)
-    if temperature == 0:
-        return logits
-    scores = logits / temperature if temperature != 1.0 else logits
-    if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        remove[..., -1:] = False  # keep at least the most likely token
-        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    return scores
 
 
 def completes_stop(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stops: Sequence[str]) -> bool:
@@ -226,15 +215,31 @@ class _PreallocatedLayer(DynamicLayer):
 
 
 class KVCacheSampler:
-    """The fast exact backend: sampling from the policy's distribution (``warp_logits``, as HF's warpers) with a
+    """The fast backend: sampling from the policy's distribution (``warp_logits``, as HF's warpers) with a
     decode loop of its own. Each distinct context is prefilled once, alone (no padding), and its keys/values are
     copied to all of its samples' rows of a cache preallocated for the longest context plus ``max_new_tokens``
     (contexts left-padded, masked); rows leave the batch when they emit EOS, complete a stop string or reach the
     length cap. Models whose cache holds more than keys and values fall back to ``hf_generate``.
+
+    Args:
+        weights: ``policy``: sample on the policy's merged weights, exactly its distribution. ``bfloat16``: a
+            float32 policy samples from a bfloat16 copy of its merged weights (half the weight traffic, the
+            bottleneck of CPU decoding; refreshed whenever the vectors change). That is a slightly different
+            distribution: the reported log-probs are the copy's, and the trainer corrects the loss with
+            truncated importance weights (``grpo.truncated_importance_weights``, logged as
+            ``train/is_weight_mean``). A policy already in bfloat16 samples on itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, weights: Literal["policy", "bfloat16"] = "policy") -> None:
+        if weights not in ("policy", "bfloat16"):
+            raise ValueError(f"KVCacheSampler weights must be 'policy' or 'bfloat16', got {weights!r}")
+        self.weights = weights
         self._fallback_logged: set[str] = set()
+        self._copy: LowPrecisionCopy | None = None
+
+    def samples_exactly(self, model: nn.Module) -> bool:
+        """Whether completions come from the policy's own distribution (else they need importance weights)."""
+        return self.weights == "policy" or model.dtype == torch.bfloat16 or not shares_prompt_cache(model)
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, contexts: Sequence[str],
                  num_samples: int, config: SamplingConfig) -> list[list[Completion]]:
@@ -247,6 +252,10 @@ class KVCacheSampler:
                 log.info("KVCacheSampler: %s caches more than plain keys and values (e.g. a linear-attention "
                          "state); sampling it with hf_generate instead", model_type)
             return hf_generate(model, tokenizer, contexts, num_samples, config)
+        if not self.samples_exactly(model):
+            if self._copy is None or self._copy.source is not model:
+                self._copy = LowPrecisionCopy(model, torch.bfloat16)
+            return self._sample(self._copy.refreshed(), tokenizer, contexts, num_samples, config)
         with merged_weights(model):
             return self._sample(model, tokenizer, contexts, num_samples, config)
 
@@ -317,6 +326,30 @@ class KVCacheSampler:
         cache = DynamicCache(config=model.config)
         cache.layers = [_PreallocatedLayer(keys, values, width) for keys, values in buffers]
         return cache, torch.stack(first).repeat_interleave(num_samples, dim=0)
+
+
+class LowPrecisionCopy:
+    """A plain (unwrapped) copy of ``source`` with its parameters in ``dtype`` and every adapted weight merged
+    (``W + U diag(delta) Vh`` for the adapters' current mode), re-merged by ``refreshed`` only when a vector or a
+    mode changed. Buffers (rotary frequencies) keep their precision."""
+
+    def __init__(self, source: nn.Module, dtype: torch.dtype) -> None:
+        self.source = source
+        device = source.device
+        # Its random initialisation, overwritten at once, must not move the seeded RNG.
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type), device:
+            self.model = type(source)(source.config).eval().requires_grad_(False)
+        for parameter in self.model.parameters():
+            parameter.data = parameter.data.to(dtype)
+        self._key: tuple = ()
+
+    def refreshed(self) -> nn.Module:
+        key = tuple((a.mode, *(tensor_identity(t) for t in (a.delta_s, a.delta_s_hack)))
+                    for a in adapter_modules(self.source).values())
+        if key != self._key:
+            self.model.load_state_dict(merged_state_dict(self.source), strict=True)  # copy_ casts to dtype
+            self._key = key
+        return self.model
 
 
 def _sample_next(logits: Tensor, config: SamplingConfig, eos_id: int) -> tuple[Tensor, Tensor]:

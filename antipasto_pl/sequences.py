@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from antipasto_pl.grpo import target_log_probs, token_log_probs
+from antipasto_pl.grpo import sampling_log_probs, target_log_probs, token_log_probs
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, prefill: str = "") -> str:
@@ -160,6 +160,10 @@ def prompt_pass(model: nn.Module, prompt_ids: Tensor) -> PromptState:
     return PromptState([(layer.keys, layer.values) for layer in cache.layers], first_logp)
 
 
+# (temperature, top_p) of a sampling distribution
+Warp = tuple[float, float]
+
+
 def group_log_probs(model: nn.Module, batch: GroupBatch, prompt_state: PromptState | None = None) -> Tensor:
     """log p of each completion token given the prompt and the completion before it: (B, Lc),
     aligned with ``batch.completion_mask`` (padding entries are finite and meaningless).
@@ -173,13 +177,21 @@ def group_log_probs(model: nn.Module, batch: GroupBatch, prompt_state: PromptSta
     mode) is scored against instead of running the prompt again, so several chunks of one group share one
     prompt forward; it is read, never modified.
     """
+    return scored_group(model, batch, prompt_state)[0]
+
+
+def scored_group(model: nn.Module, batch: GroupBatch, prompt_state: PromptState | None = None,
+                 warp: Warp | None = None) -> tuple[Tensor, Tensor | None]:
+    """``group_log_probs``, and given ``warp`` = (temperature, top_p), each token's detached log-prob under
+    the sampling distribution of those settings, from the same logits (the numerator of an importance weight
+    for tokens an approximate sampler drew): two (B, Lc) tensors, the second None without ``warp``."""
     if prompt_state is not None:
         if prompt_state.length != batch.prompt_ids.shape[0]:
             raise ValueError(f"prompt state of {prompt_state.length} tokens for a {batch.prompt_ids.shape[0]}-token prompt")
-        return _shared_prompt_log_probs(model, batch, prompt_state)
+        return _shared_prompt_log_probs(model, batch, prompt_state, warp)
     if shares_prompt_cache(model):
-        return _shared_prompt_log_probs(model, batch, prompt_pass(model, batch.prompt_ids))
-    return _full_row_log_probs(model, batch)
+        return _shared_prompt_log_probs(model, batch, prompt_pass(model, batch.prompt_ids), warp)
+    return _full_row_log_probs(model, batch, warp)
 
 
 def with_cache(model: nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
@@ -199,9 +211,13 @@ def shares_prompt_cache(model: nn.Module) -> bool:
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
-def _shared_prompt_log_probs(model: nn.Module, batch: GroupBatch, state: PromptState) -> Tensor:
+def _shared_prompt_log_probs(model: nn.Module, batch: GroupBatch, state: PromptState, warp: Warp | None
+                             ) -> tuple[Tensor, Tensor | None]:
     n_rows, width = batch.completion_ids.shape
-    logp = [state.first_logp[batch.completion_ids[:, :1]]]  # (B, 1): the prompt's last logit scores token 0
+    first = batch.completion_ids[:, :1]  # (B, 1): the prompt's last logit scores token 0
+    logp = [state.first_logp[first]]
+    # log_softmax is shift-invariant, so the first logp serves as that position's logits
+    sampled = None if warp is None else [sampling_log_probs(state.first_logp.expand(n_rows, 1, -1), first, *warp)]
     if width > 1:
         # A fresh cache per chunk: the prompt's keys/values broadcast to the rows (a view; its backward sums
         # the rows' gradients into the prompt's forward). The cache copies them and concatenates the
@@ -217,14 +233,17 @@ def _shared_prompt_log_probs(model: nn.Module, batch: GroupBatch, state: PromptS
         rest = model(input_ids=inputs, attention_mask=attention_mask, position_ids=positions,
                      **with_cache(model, cache), use_cache=True).logits  # (B, Lc-1, V)
         logp.append(target_log_probs(rest, batch.completion_ids[:, 1:]))
-    return torch.cat(logp, dim=1)
+        if sampled is not None:
+            sampled.append(sampling_log_probs(rest, batch.completion_ids[:, 1:], *warp))
+    return torch.cat(logp, dim=1), None if sampled is None else torch.cat(sampled, dim=1)
 
 
-def _full_row_log_probs(model: nn.Module, batch: GroupBatch) -> Tensor:
+def _full_row_log_probs(model: nn.Module, batch: GroupBatch, warp: Warp | None) -> tuple[Tensor, Tensor | None]:
     n_rows, width = batch.completion_ids.shape
     prompt = batch.prompt_ids[None].expand(n_rows, -1)  # (B, Lp)
     input_ids = torch.cat([prompt, batch.completion_ids[:, :-1]], dim=1)  # (B, Lp+Lc-1)
     attention_mask = torch.cat([torch.ones_like(prompt), batch.completion_mask[:, :-1]], dim=1)
     # The last Lc positions (prompt's last token onward) score the Lc completion tokens.
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=width).logits  # (B, Lc, V)
-    return target_log_probs(logits, batch.completion_ids)
+    sampled = None if warp is None else sampling_log_probs(logits, batch.completion_ids, *warp)
+    return target_log_probs(logits, batch.completion_ids), sampled

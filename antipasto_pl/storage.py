@@ -17,10 +17,10 @@ from pathlib import Path
 CACHE_ENV = "ANTIPASTO_CACHE"
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """Root of the on-disk cache (converted models, SVD factors, hack subspaces, teacher pools): `cache_dir` if
-    given, else ``$ANTIPASTO_CACHE``, else ``~/.cache/antipasto_pl``."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "antipasto_pl").expanduser()
+def cache_root() -> Path:
+    """Root of the on-disk cache (converted models, SVD factors, hack subspaces, teacher pools):
+    ``$ANTIPASTO_CACHE`` (the CLI's ``cache_dir`` sets it), else ``~/.cache/antipasto_pl``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "antipasto_pl").expanduser()
 
 
 @contextlib.contextmanager

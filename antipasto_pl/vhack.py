@@ -422,9 +422,9 @@ def extract_hack_subspace(
 # --- cache ----------------------------------------------------------------------------------------------------
 
 
-def default_cache_dir(cache_dir: str | None = None) -> Path:
+def default_cache_dir() -> Path:
     """Where extracted subspaces are cached: ``<cache root>/vhack``."""
-    return cache_root(cache_dir) / "vhack"
+    return cache_root() / "vhack"
 
 
 def cache_path(

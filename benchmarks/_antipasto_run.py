@@ -17,7 +17,7 @@ from antipasto_pl.env.problem import Problem
 from antipasto_pl.models import PolicyConfig
 from antipasto_pl.module import AntipastoModule
 from antipasto_pl.projection import ProjectionConfig
-from antipasto_pl.rollout import SamplingConfig
+from antipasto_pl.rollout import KVCacheSampler, SamplingConfig
 
 JITTER = 1e-3
 # The step pieces timed: the experience builder's generate and grade, the module's loss/backward.
@@ -98,12 +98,14 @@ class ForceActive:
 
 
 def make_module(group_size: int, mix_ratio: float, max_new_tokens: int, micro_batch_size: int = 8,
-                intervention: str = "none", ignore_eos: bool = False,
+                intervention: str = "none", ignore_eos: bool = False, sampler_weights: str = "policy",
                 cls: type[AntipastoModule] = AntipastoModule) -> AntipastoModule:
     """``AntipastoModule`` on SmolLM2 configured like configs/cpu.yaml (full rank, lr 1e-2), with the given sizes
-    and a random k=4 V (no extraction first); ``ignore_eos``: every completion is ``max_new_tokens`` long. The
-    model is built now (``configure_model``) so the caller can adjust it before fitting."""
+    and a random k=4 V (no extraction first); ``ignore_eos``: every completion is ``max_new_tokens`` long;
+    ``sampler_weights``: the ``KVCacheSampler``'s. The model is built now (``configure_model``) so the caller can
+    adjust it before fitting."""
     module = cls(
+        sampler=KVCacheSampler(weights=sampler_weights),
         policy=PolicyConfig(name=SMOLLM2, dtype="float32"),
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, ignore_eos=ignore_eos),
         projection=ProjectionConfig(intervention=intervention, subspace="random", k=4),

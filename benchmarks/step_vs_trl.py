@@ -9,7 +9,8 @@ draws), one prompt per step, G=8 completions of 64 new tokens, rewarded by this 
   configs/cpu.yaml but with group_size 8, prompts_per_step 1, max_new_tokens 64, mix_ratio 0 (pure student
   GRPO, like TRL), no teacher pool; the projection callback runs as in the vanilla arm (intervention none,
   k=4) on a random V so that no extraction is needed first. Steps timed by a Callback
-  (on_train_batch_start / on_train_batch_end).
+  (on_train_batch_start / on_train_batch_end). Once per `--sampler-weights`: `policy` (the exact sampler, float32
+  like TRL's) and `bfloat16` (the CPU preset's sampler: bfloat16 weights, its tokens importance-weighted).
 * TRL: `GRPOTrainer`, full fine-tune, its default loss (loss_type and beta as that TRL version defaults
   them, printed), num_generations 8, per-device batch 8 (one prompt per step), max_completion_length 64,
   use_cpu, float32 (bf16 off, as this trainer), gradient checkpointing off (this trainer does not
@@ -26,11 +27,11 @@ backward like TRL (`--natural-advantages` measures the trainer as it is instead,
 steps had a backward).
 
 Warm-up steps first, then the median of `--repeats` steps each; the ratios are ours / TRL's median step time
-(targets: <= 0.45 against the full fine-tune, <= 0.6 against TRL + LoRA).
+(targets: <= 0.45 against the full fine-tune, <= 0.6 against TRL + LoRA), for each sampler.
 
     python benchmarks/step_vs_trl.py [--repeats 5] [--warmup 1] [--group-size 8] [--max-new-tokens 64]
         [--order antipasto-first|trl-first] [--natural-length] [--natural-advantages]
-        [--trl-gradient-checkpointing] [--skip-trl] [--skip-lora]
+        [--trl-gradient-checkpointing] [--skip-trl] [--skip-lora] [--sampler-weights policy bfloat16]
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ LORA_TARGET = 0.6  # ours / TRL + LoRA
 LORA_RANK = 16
 
 
-def run_antipasto(args: argparse.Namespace, steps: int) -> dict:
+def run_antipasto(args: argparse.Namespace, steps: int, weights: str) -> dict:
     module = make_module(group_size=args.group_size, mix_ratio=0.0, max_new_tokens=args.max_new_tokens,
                          ignore_eos=not args.natural_length,
-                         micro_batch_size=args.micro_batch_size)
+                         micro_batch_size=args.micro_batch_size, sampler_weights=weights)
     timer = StepTimer()
     timer.wrap_pieces(module)
     lengths: list[float] = []
@@ -182,6 +183,8 @@ def main() -> None:
                         help="TRL with its default gradient checkpointing on")
     parser.add_argument("--skip-trl", action="store_true", help="measure this trainer only")
     parser.add_argument("--skip-lora", action="store_true", help="leave out TRL + LoRA")
+    parser.add_argument("--sampler-weights", nargs="+", choices=["policy", "bfloat16"], default=["policy", "bfloat16"],
+                        help="this trainer's KVCacheSampler weights, one run each")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_args(parser)
     quiet_logs()
@@ -194,53 +197,56 @@ def main() -> None:
     problems = [b[0] for b in batches]
     print("prompts: " + ", ".join(p.id for p in problems))
 
-    ours = trl_result = lora_result = None
+    ours_by_weights: dict[str, dict] = {}
+    trl_result = lora_result = None
     order = ["antipasto", "trl"] if args.order == "antipasto-first" else ["trl", "antipasto"]
     for name in order:
         if name == "antipasto":
-            ours = run_antipasto(args, steps)
-            if [b[0] for b in ours["batches"]] != [p.id for p in problems]:
-                print(f"WARNING: this trainer drew {ours['batches']}, expected {[p.id for p in problems]}")
+            for weights in args.sampler_weights:
+                ours = ours_by_weights[weights] = run_antipasto(args, steps, weights)
+                if [b[0] for b in ours["batches"]] != [p.id for p in problems]:
+                    print(f"WARNING: this trainer drew {ours['batches']}, expected {[p.id for p in problems]}")
         elif not args.skip_trl:
             trl_result = run_trl(args, steps, problems)
             if not args.skip_lora:
                 lora_result = run_trl(args, steps, problems, lora=True)
 
-    rows = []
-    ours_s = median(ours["times"])
-    active = ours["active"]
-    note = f"active groups per step {active}"
-    if ours["jittered"] is not None:
-        jittered, groups, _ = ours["jittered"]
-        note += f"; {jittered}/{groups} groups had equal rewards and were given a +-1e-3 advantage"
-    rows.append(["antipasto_pl (SVD adapter)", fmt_s(ours["times"]),
-                 f"{median(ours['lengths']):.1f}" if ours["lengths"] else "?", "1.000"])
     peers = [(f"TRL {r['version']} GRPOTrainer ({kind})", r) for kind, r in
              (("full FT", trl_result), (f"LoRA r={LORA_RANK}", lora_result)) if r is not None]
+    rows = []
+    for weights, ours in ours_by_weights.items():
+        rows.append([f"antipasto_pl (SVD adapter), sampler weights {weights}", fmt_s(ours["times"]),
+                     f"{median(ours['lengths']):.1f}" if ours["lengths"] else "?", ""])
     for label, result in peers:
         rows.append([f"{label}, {result['trainable'] / 1e6:.2f} M trainable", fmt_s(result["times"]),
                      f"{median(result['lengths']):.1f}" if result["lengths"] else "?",
-                     f"{ours_s / median(result['times']):.3f}"])
+                     " / ".join(f"{median(ours['times']) / median(result['times']):.3f}"
+                                for ours in ours_by_weights.values())])
     print()
-    print(table(rows, ["trainer", "median step", "mean completion tokens", "this trainer's step / this row's"]))
-    print(f"\nthis trainer: {note}")
-    pieces = ours["pieces"]
-    if pieces:
-        parts = {k: median([p.get(k, 0.0) for p in pieces]) for k in pieces[0]}
-        print("this trainer, median per step: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
-    logged = ours["logged"]
-    if logged and any(k.startswith("time/") for k in logged[0]):
-        keys = sorted(k for k in logged[0] if k.startswith("time/"))
-        values = {k: median([m.get(k, 0.0) for m in logged]) for k in keys}
-        print("this trainer, logged: " + ", ".join(f"{k} {v:.2f} s" for k, v in values.items()))
+    print(table(rows, ["trainer", "median step", "mean completion tokens",
+                       f"this trainer's step ({' / '.join(ours_by_weights)}) / this row's"]))
     if trl_result is not None:
-        print(f"TRL settings: {trl_result['settings']}")
+        print(f"\nTRL settings: {trl_result['settings']}")
         print(f"TRL reward (grading) per step: {fmt_s(trl_result['grade'])}")
-        ratio = ours_s / median(trl_result["times"])
-        print(f"\nstep time ratio antipasto/TRL = {ratio:.3f} ({verdict(ratio, TARGET, False)})")
-    if lora_result is not None:
-        ratio = ours_s / median(lora_result["times"])
-        print(f"step time ratio antipasto/(TRL + LoRA) = {ratio:.3f} ({verdict(ratio, LORA_TARGET, False)})")
+    for weights, ours in ours_by_weights.items():
+        print(f"\nthis trainer, sampler weights {weights}: active groups per step {ours['active']}")
+        if ours["jittered"] is not None:
+            jittered, groups, _ = ours["jittered"]
+            print(f"  {jittered}/{groups} groups had equal rewards and were given a +-1e-3 advantage")
+        pieces = ours["pieces"]
+        if pieces:
+            parts = {k: median([p.get(k, 0.0) for p in pieces]) for k in pieces[0]}
+            print("  median per step: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
+        logged = ours["logged"]
+        if logged and any(k.startswith("time/") for k in logged[0]):
+            keys = sorted(k for k in logged[0] if k.startswith("time/"))
+            values = {k: median([m.get(k, 0.0) for m in logged]) for k in keys}
+            print("  logged: " + ", ".join(f"{k} {v:.2f} s" for k, v in values.items()))
+        ours_s = median(ours["times"])
+        for label, result, target in (("TRL", trl_result, TARGET), ("TRL + LoRA", lora_result, LORA_TARGET)):
+            if result is not None:
+                ratio = ours_s / median(result["times"])
+                print(f"  step time ratio antipasto/{label} = {ratio:.3f} ({verdict(ratio, target, False)})")
 
 
 if __name__ == "__main__":

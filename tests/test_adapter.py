@@ -283,20 +283,21 @@ def test_merged_state_dict_is_a_plain_model_of_the_merged_weights() -> None:
             torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
 
 
-def test_factors_are_non_persistent_and_cached_by_weight_hash(tmp_path) -> None:
-    model, _ = tiny_policy(cache_dir=str(tmp_path))
+def test_factors_are_non_persistent_and_cached_by_weight_hash(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ANTIPASTO_CACHE", str(tmp_path))
+    model, _ = tiny_policy()
     state = model.state_dict()
     assert not any(k.endswith((".U", ".Vh")) for k in state)
     assert sum(k.endswith(".delta_s") for k in state) == len(adapter_modules(model))
     files = sorted((tmp_path / "svd").glob("*.safetensors"))
     assert len(files) == len(adapter_modules(model))
     # same weights -> same cache entries, factors equal to a fresh SVD
-    again, _ = tiny_policy(cache_dir=str(tmp_path))
+    again, _ = tiny_policy()
     assert sorted((tmp_path / "svd").glob("*.safetensors")) == files
     for (n, a), b in zip(adapter_modules(model).items(), adapter_modules(again).values()):
         assert torch.equal(a.U, b.U) and torch.equal(a.Vh, b.Vh)
     # a changed weight cannot hit a stale entry
-    other, _ = tiny_policy(seed=1, cache_dir=str(tmp_path))
+    other, _ = tiny_policy(seed=1)
     assert len(list((tmp_path / "svd").glob("*.safetensors"))) == 2 * len(files)
     assert {a.weight_hash for a in other_adapters(other)}.isdisjoint({a.weight_hash for a in other_adapters(model)})
 

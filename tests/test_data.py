@@ -98,8 +98,9 @@ def test_pairs_and_controls() -> None:
         _ = AntipastoDataModule(use_pool=False).pairs
 
 
-def test_pool_is_built_into_cache_and_filtered(small_source: str, tmp_path: Path) -> None:
-    kwargs = dict(problems=small_source, prompts_per_step=2, use_pool=True, pool_per_prompt=2, cache_dir=str(tmp_path),
+def test_pool_is_built_into_cache_and_filtered(small_source: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ANTIPASTO_CACHE", str(tmp_path))
+    kwargs = dict(problems=small_source, prompts_per_step=2, use_pool=True, pool_per_prompt=2,
                   pool_modes=["run_tests", "sentinel", "file_marker"])
     dm = _dm(**kwargs)
     directory = dm.resolved_pool_dir

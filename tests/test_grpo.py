@@ -11,7 +11,10 @@ from antipasto_pl.grpo import (
     k3_kl,
     per_sequence_loss,
     ppo_clip_token_loss,
+    sampling_log_probs,
     token_log_probs,
+    truncated_importance_weights,
+    warp_logits,
 )
 
 
@@ -141,3 +144,31 @@ def test_stats_by_hand():
     assert out.loss.item() == pytest.approx(-0.05)
     with pytest.raises(ValueError):
         grpo_loss(logp, torch.tensor([1.0, -1.0]), mask, beta=0.1, denom=4)
+
+
+def test_truncated_importance_weights_by_hand():
+    # pi / q = 2, 0.5, 5 -> capped at 3
+    policy = torch.log(torch.tensor([[0.4, 0.1, 0.5]]))
+    sampler = torch.log(torch.tensor([[0.2, 0.2, 0.1]]))
+    weights = truncated_importance_weights(policy.requires_grad_(), sampler, cap=3.0)
+    torch.testing.assert_close(weights, torch.tensor([[2.0, 0.5, 3.0]]))
+    assert not weights.requires_grad
+
+
+def test_importance_weights_scale_each_tokens_gradient_and_are_logged():
+    logp, advantages, mask = _batch()
+    weights = torch.rand(logp.shape, generator=torch.Generator().manual_seed(3)) * 2
+    out = grpo_loss(logp, advantages, mask, denom=10, is_weight=weights)
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, -advantages[:, None] * mask * weights / 10)
+    assert out.stats["is_weight_mean"].item() == pytest.approx((weights * mask).sum().item() / mask.sum().item())
+    assert "is_weight_mean" not in grpo_loss(logp.detach(), advantages, mask, denom=10).stats
+
+
+def test_sampling_log_probs_are_those_of_the_warped_distribution():
+    logits = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(0)) * 3
+    targets = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
+    for temperature, top_p in ((1.0, 1.0), (0.8, 1.0), (0.7, 0.9)):
+        expected = torch.log_softmax(warp_logits(logits.reshape(10, 40), temperature, top_p), -1)
+        expected = expected.gather(-1, targets.reshape(10, 1)).reshape(2, 5)
+        torch.testing.assert_close(sampling_log_probs(logits, targets, temperature, top_p), expected)

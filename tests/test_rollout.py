@@ -11,10 +11,11 @@ import torch
 from helpers import tiny_policy
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from antipasto_pl.adapter import adapter_modules
+from antipasto_pl.adapter import adapter_modules, merged_state_dict
 from antipasto_pl.cli import AntipastoCLI
-from antipasto_pl.rollout import HFGenerate, KVCacheSampler, SamplingConfig, hf_generate, warp_logits
-from antipasto_pl.sequences import group_batch, group_log_probs
+from antipasto_pl.grpo import warp_logits
+from antipasto_pl.rollout import HFGenerate, KVCacheSampler, SamplingConfig, hf_generate
+from antipasto_pl.sequences import group_batch, group_log_probs, scored_group
 
 # Contexts of different lengths, so the fast backend's cache is left-padded and masked.
 CONTEXTS = ["def add(a, b):\n", "Write a function that reverses a list.\n```python\n", "x = "]
@@ -67,6 +68,62 @@ def test_sampled_log_probs_match_the_trainers_scoring(name: str) -> None:
                                        atol=1e-4, rtol=0)
 
 
+def scored(model, tokenizer, context: str, group, warp):
+    """The trainer's scoring of a group's completions: (log-probs, log-probs under the warped distribution)."""
+    batch = group_batch(tokenizer(context, add_special_tokens=False)["input_ids"], [c.token_ids for c in group],
+                        tokenizer.pad_token_id)
+    with torch.no_grad():
+        return scored_group(model, batch, warp=warp)
+
+
+def test_warped_log_probs_match_the_trainers_scoring_of_the_sampled_distribution() -> None:
+    """At temperature 0.8 and top_p 0.9 the exact backend reports log-probs under the warped distribution; the
+    trainer's ``scored_group`` recomputes the same numbers from its own logits (the numerator of the importance
+    weights)."""
+    model, tokenizer = moved_policy("tiny-llama")
+    torch.manual_seed(0)
+    groups = KVCacheSampler()(model, tokenizer, CONTEXTS, 3, SamplingConfig(max_new_tokens=16, temperature=0.8, top_p=0.9))
+    for context, group in zip(CONTEXTS, groups):
+        _, warped = scored(model, tokenizer, context, group, (0.8, 0.9))
+        for row, completion in enumerate(group):
+            torch.testing.assert_close(torch.tensor(completion.log_probs), warped[row, : len(completion.token_ids)],
+                                       atol=1e-4, rtol=0)
+
+
+def test_bfloat16_weights_sample_from_a_refreshed_bfloat16_copy() -> None:
+    """``weights: bfloat16`` on a float32 policy: not exact (the trainer must weight its tokens), the log-probs it
+    reports are its bfloat16 copy's (within bfloat16 kernels' noise) and measurably not the policy's, and the copy
+    follows the vectors when an optimizer step moves them."""
+    model, tokenizer = moved_policy("tiny-llama")
+    sampler = KVCacheSampler(weights="bfloat16")
+    assert not sampler.samples_exactly(model) and KVCacheSampler().samples_exactly(model)
+    config = SamplingConfig(max_new_tokens=16, temperature=0.8)
+    torch.manual_seed(0)
+    groups = sampler(model, tokenizer, CONTEXTS, 3, config)
+    copy = sampler._copy.model
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    gaps = []
+    for context, group in zip(CONTEXTS, groups):
+        _, own = scored(copy, tokenizer, context, group, (0.8, 1.0))
+        _, policy = scored(model, tokenizer, context, group, (0.8, 1.0))
+        for row, completion in enumerate(group):
+            reported = torch.tensor(completion.log_probs)
+            torch.testing.assert_close(reported, own[row, : len(reported)], atol=2e-2, rtol=0)
+            gaps.append((reported - policy[row, : len(reported)]).abs().max().item())
+    assert max(gaps) > 1e-4
+    name = next(iter(adapter_modules(model)))
+    with torch.no_grad():
+        adapter_modules(model)[name].delta_s.add_(0.5)
+    sampler(model, tokenizer, CONTEXTS[:1], 1, config)
+    merged = merged_state_dict(model)[f"{name}.weight"]
+    assert torch.equal(copy.get_parameter(f"{name}.weight"), merged.to(torch.bfloat16))
+
+
+def test_a_bad_weights_choice_is_refused() -> None:
+    with pytest.raises(ValueError, match="KVCacheSampler weights must be 'policy' or 'bfloat16', got 'int4'"):
+        KVCacheSampler(weights="int4")
+
+
 def test_warped_logits_are_hfs_temperature_then_top_p() -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
     for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.5, 0.05)):
@@ -74,7 +131,8 @@ def test_warped_logits_are_hfs_temperature_then_top_p() -> None:
         assert torch.equal(warp_logits(logits, temperature, top_p), expected)
 
 
-@pytest.mark.parametrize("sampler", [KVCacheSampler(), HFGenerate()], ids=["kv_cache", "hf_generate"])
+@pytest.mark.parametrize("sampler", [KVCacheSampler(), KVCacheSampler(weights="bfloat16"), HFGenerate()],
+                         ids=["kv_cache", "kv_cache_bf16", "hf_generate"])
 def test_the_same_seed_gives_the_same_samples(sampler) -> None:
     model, tokenizer = moved_policy("tiny-llama")
     config = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95)

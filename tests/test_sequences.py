@@ -171,9 +171,10 @@ class CountPromptPasses(AntipastoModule):
                             "live_states": sum(type(o) is PromptState for o in gc.get_objects())})
         return result
 
-    def backward_groups(self, chunks_by_source, frozen, n_prompts):
+    def backward_groups(self, chunks_by_source, frozen, n_prompts, is_weights=None):
         chunks = [c for source_chunks in chunks_by_source.values() for c in source_chunks]
-        return self.observed("train", chunks, super().backward_groups, chunks_by_source, frozen, n_prompts)
+        return self.observed("train", chunks, super().backward_groups, chunks_by_source, frozen, n_prompts,
+                             is_weights)
 
 
 def test_each_group_runs_its_prompt_once_per_pass(tmp_path, monkeypatch) -> None:

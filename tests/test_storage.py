@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from antipasto_pl.cli import AntipastoCLI
 from antipasto_pl.storage import atomic_write, cache_root
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
 
 def test_atomic_write_replaces_a_file_whole_or_not_at_all(tmp_path: Path) -> None:
@@ -36,9 +39,12 @@ def test_atomic_write_of_a_directory_replaces_the_old_one(tmp_path: Path) -> Non
     assert (target / "manifest.json").read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["pool"]
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cache_dir`` in a config (or on the command line) over ``$ANTIPASTO_CACHE`` over the home default."""
     monkeypatch.setenv("ANTIPASTO_CACHE", str(tmp_path / "env"))
     assert cache_root() == tmp_path / "env"
-    assert cache_root(str(tmp_path / "field")) == tmp_path / "field"
+    AntipastoCLI(args=["--config", str(SMOKE), "--cache_dir", str(tmp_path / "field")], run=False)
+    assert cache_root() == tmp_path / "field"
     monkeypatch.delenv("ANTIPASTO_CACHE")
     assert cache_root() == Path.home() / ".cache" / "antipasto_pl"

@@ -28,7 +28,11 @@ def load_trained_module(ckpt_path: str | Path) -> AntipastoModule:
     hparams = checkpoint.get("hyper_parameters")
     if not hparams:
         raise ValueError(f"checkpoint {ckpt_path} records no hyperparameters; expected one written by antipasto fit")
-    module = instantiate_module(AntipastoModule, {k: v for k, v in hparams.items() if not k.startswith("_")})
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    for section in ("policy", "adapter", "projection"):  # cache roots were per-component settings before `cache_dir`
+        if isinstance(hparams.get(section), dict):
+            hparams[section] = {k: v for k, v in hparams[section].items() if k != "cache_dir"}
+    module = instantiate_module(AntipastoModule, hparams)
     module.configure_model()
     module.on_load_checkpoint(checkpoint)  # names the module / rank / base weight that does not match
     state = checkpoint["state_dict"]
