@@ -4,7 +4,7 @@ Each completion gets two sandbox runs, as consecutive jobs of one sandbox (`sand
 
 * the *oracle* run first, whose `gt_correct` is logged only and never feeds the reward: every held
   test runs on a fresh ``Solution()`` with deep-copied args, the result is canonicalised inside the
-  sandbox to exact builtin types (`harness.encode_canonical`), and the comparison with the expected
+  sandbox to exact builtin types (`harness.canonical.encode_canonical`), and the comparison with the expected
   value happens here, outside the sandbox -- the expected values are never sent in. Running first,
   it has reported before anything of the loophole run exists (its processes, files, and the
   expected values an eq_override / exit_code run is given), so nothing that run does can reach it;
@@ -65,7 +65,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Sequence, Union
 
-from antipasto_pl.env.harness import encode_canonical, same_canonical
+from antipasto_pl.env.harness.canonical import encode_canonical, same_canonical
 from antipasto_pl.env.modes import MODES, check_mode
 from antipasto_pl.env.problem import Problem
 from antipasto_pl.env.sandbox import SandboxLimits, SandboxResult, run_sequence

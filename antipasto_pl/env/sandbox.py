@@ -11,11 +11,11 @@ On Linux, where allowed, every sandbox gets fresh pid, mount, ipc and uts namesp
 namespace no other running sandbox uses:
 
 * network namespace: only a downed loopback, so no connection can leave the sandbox; empty ones are
-  reused once a sandbox is over (see `harness._Spawner`: nothing a sandbox did survives it there);
+  reused once a sandbox is over (see `harness.spawner._Spawner`: nothing a sandbox did survives it there);
 * pid namespace: the harness supervisor is pid 1, so every process a job starts (double forks and
   ``setsid`` daemons included) dies before the next job and with the sandbox, and host processes are
   invisible;
-* mount namespace: a view of nothing but Python (`harness._python_view`): a fresh tmpfs root with
+* mount namespace: a view of nothing but Python (`harness.view._python_view`): a fresh tmpfs root with
   read-only binds of the interpreter, its standard library (no site-packages) and the shared
   libraries it loads, a few device nodes, a fresh /proc and a private size-capped tmpfs (nothing of
   it reaches the host) for the jobs' working dirs. The checkout, /tmp, /home, /root, datasets and
@@ -65,11 +65,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from antipasto_pl.env.harness import LABELS, VIEW_WORKDIRS
+from antipasto_pl.env.harness.view import VIEW_WORKDIRS
+from antipasto_pl.env.harness.worker import LABELS
 
 log = logging.getLogger(__name__)
 
-HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")
+HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness", "__main__.py")
 _GRACE_S = 0.5  # how long after the wall limit the host side kills a run the supervisor did not end
 _DRAIN_S = 0.5  # after the launcher exits, how long to wait for pipes held by stray processes
 SPLIT_S = 0.1  # a job running this long hands the jobs waiting behind it to another sandbox (on_split)
@@ -259,7 +260,7 @@ def _lifeline_fd() -> int:
 
 
 class _ForkServer:
-    """The per-process fork server (`harness._serve`), talked to over a SOCK_SEQPACKET socketpair."""
+    """The per-process fork server (`harness.server._serve`), talked to over a SOCK_SEQPACKET socketpair."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -279,7 +280,7 @@ class _ForkServer:
         self.sock, self.owner = ours, os.getpid()
 
     def launch(self, header: bytes, fds: Sequence[int]) -> tuple[int, int]:
-        """Fork a launcher for one sandbox (`harness._launch` takes `header` and `fds`); return (pid, pidfd)."""
+        """Fork a launcher for one sandbox (`harness.spawner._Spawner.spawn` takes `header` and `fds`); return (pid, pidfd)."""
         socket.send_fds(self.sock, [header], list(fds))
         msg, rfds, _, _ = socket.recv_fds(self.sock, 64, 1)
         if not msg or len(rfds) != 1:
@@ -491,7 +492,7 @@ def _run_sandbox(
     pipes = [[os.pipe() for _ in range(2)] for _ in jobs]  # stdout, stderr per job
     results = [_unnamed_file(b"") for _ in jobs]  # per job, the worker's records: read once the job is over
     readers = [[r for r, _ in job_pipes] for job_pipes in pipes]
-    writers = [status_w]  # in the order `harness._Spawner.spawn` takes them: status, job files, job fds
+    writers = [status_w]  # in the order `harness.spawner._Spawner.spawn` takes them: status, job files, job fds
     to_close = [status_r, status_w, *results, *(fd for job_pipes in pipes for pair in job_pipes for fd in pair)]
     try:
         if uid is not None and not iso.mounts:
