@@ -154,6 +154,25 @@ class HeldOutEvaluation(Callback):
         if stop_signal(trainer) is None:  # an interrupted fit is not the end of training: resuming finishes it
             self._evaluate(trainer, pl_module, "final")
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit resumed from a checkpoint already at ``max_steps`` (one killed during its final evaluation) runs
+        no training loop, and Lightning then calls no ``on_train_end``: evaluate here instead, on the device the
+        strategy has just moved the module off."""
+        if stop_signal(trainer) is not None or _evaluated_at(trainer, "final", trainer.global_step):
+            return
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self._evaluate(trainer, pl_module, "final")
+        finally:
+            pl_module.to(device)
+
+
+def _evaluated_at(trainer: L.Trainer, key: str, step: int) -> bool:
+    """Whether eval.json holds `key`'s evaluation of this step."""
+    path = Path(trainer.default_root_dir) / EVAL_FILE
+    return path.is_file() and json.loads(path.read_text()).get(key, {}).get("step") == step
+
 
 def completion_log_prob_sums(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],

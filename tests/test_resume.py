@@ -220,6 +220,23 @@ def test_a_fit_stopped_by_sigterm_is_not_a_finished_run(tmp_path: Path) -> None:
     assert json.loads(evaluation.read_text())["final"]["step"] == 8
 
 
+def test_a_run_killed_during_its_final_evaluation_evaluates_when_resumed(tmp_path: Path) -> None:
+    """Killed after its last checkpoint, during the final held-out evaluation: the resumed fit has no step left
+    to train (Lightning runs no training loop then) and still writes the final evaluation."""
+    args = fit_args(tmp_path, 4)
+    first = subprocess.run(ANTIPASTO + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    evaluation = tmp_path / EVAL_FILE
+    report = json.loads(evaluation.read_text())
+    assert report["final"]["step"] == 4
+    evaluation.write_text(json.dumps({k: v for k, v in report.items() if k != "final"}))  # as if killed mid-evaluation
+    resumed = subprocess.run(ANTIPASTO + args + ["--ckpt_path=last"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = json.loads(evaluation.read_text())["final"]
+    assert final["step"] == 4 and final.keys() == report["final"].keys()
+
+
 def test_sigkill_mid_step_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
     """A real `antipasto fit` killed with SIGKILL after its step-2 checkpoint resumes there and completes."""
     args = fit_args(tmp_path, 8)
