@@ -86,6 +86,13 @@ def truncated_importance_weights(policy_logp: Tensor, sampler_logp: Tensor, cap:
     return torch.exp(policy_logp.detach() - sampler_logp).clamp(max=cap)
 
 
+def sampler_logp_gap(policy_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> Tensor:
+    """Mean |log pi(y_t) - log q(y_t)| over the masked tokens: how far an approximate sampler's distribution is
+    from the policy's on the tokens it drew (0 for an exact one). Detached scalar."""
+    # policy_logp, sampler_logp, mask: (B, T) -> ()
+    return _masked_mean((policy_logp.detach() - sampler_logp).abs(), mask.bool())
+
+
 def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position.
 

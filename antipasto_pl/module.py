@@ -59,7 +59,7 @@ from antipasto_pl.experience import (
     shared_prompt_pass,
     teacher_count,
 )
-from antipasto_pl.grpo import Reduction, grpo_loss, truncated_importance_weights
+from antipasto_pl.grpo import Reduction, grpo_loss, sampler_logp_gap, truncated_importance_weights
 from antipasto_pl.metrics import GT_S, HACK_S, RATES, SANDBOX_ERRORS, train_rate
 from antipasto_pl.models import PolicyConfig, load_policy
 from antipasto_pl.projection import HackProjection, ProjectionConfig
@@ -70,8 +70,8 @@ from antipasto_pl.sequences import PromptState, completion_token_ids, scored_gro
 log = logging.getLogger(__name__)
 
 PROGRESS_BAR = (train_rate("reward", STUDENT), HACK_S, GT_S)
-# GRPOLoss.stats (kl_mean only with a reference, is_weight_mean only with an approximate sampler)
-LOSS_STATS = ("rho_mean", "clip_frac", "kl_mean", "is_weight_mean")
+# GRPOLoss.stats (kl_mean only with a reference; with an approximate sampler is_weight_mean and the log-prob gap)
+LOSS_STATS = ("rho_mean", "clip_frac", "kl_mean", "is_weight_mean", "sampler_logp_gap")
 
 @dataclass
 class GradParts:
@@ -321,6 +321,8 @@ class AntipastoModule(L.LightningModule):
                 if needs_weight:
                     is_weights[position] = truncated_importance_weights(
                         policy_sampled_logp, sampler_logp, self.hparams.importance_sampling_cap)
+                    stats.setdefault("sampler_logp_gap", []).append(
+                        sampler_logp_gap(policy_sampled_logp, sampler_logp, batch.completion_mask))
                 is_weight = is_weights.get(position)
                 out = grpo_loss(
                     logp, advantages, batch.completion_mask, logp_old=old, ref_logp=ref,

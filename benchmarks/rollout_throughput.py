@@ -9,7 +9,7 @@ so every variant produces the same token count (checked). Variants:
 * `hf, base model`: `hf_generate` on the unwrapped model;
 * `hf, adapter`: `hf_generate` on the wrapped model as the trainer uses it (float32: `merged_forward`);
 * `fast, adapter`: `KVCacheSampler` on the same wrapped model, exact (`weights: policy`);
-* `fast bf16, adapter`: `KVCacheSampler(weights="bfloat16")`, the CPU presets' sampler: a bfloat16 copy of the
+* `fast bf16, adapter`: `KVCacheSampler(weights="bfloat16")` (opt-in): a bfloat16 copy of the
   merged weights, refreshed inside the timed call after every change of the vectors (an approximate sampler:
   the trainer corrects its samples with importance weights).
 

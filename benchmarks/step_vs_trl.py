@@ -10,7 +10,7 @@ draws), one prompt per step, G=8 completions of 64 new tokens, rewarded by this 
   GRPO, like TRL), no teacher pool; the projection callback runs as in the vanilla arm (intervention none,
   k=4) on a random V so that no extraction is needed first. Steps timed by a Callback
   (on_train_batch_start / on_train_batch_end). Once per `--sampler-weights`: `policy` (the exact sampler, float32
-  like TRL's) and `bfloat16` (the CPU preset's sampler: bfloat16 weights, its tokens importance-weighted).
+  like TRL's) and `bfloat16` (opt-in: bfloat16 weights, its tokens importance-weighted).
 * TRL: `GRPOTrainer`, full fine-tune, its default loss (loss_type and beta as that TRL version defaults
   them, printed), num_generations 8, per-device batch 8 (one prompt per step), max_completion_length 64,
   use_cpu, float32 (bf16 off, as this trainer), gradient checkpointing off (this trainer does not

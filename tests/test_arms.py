@@ -102,9 +102,12 @@ def test_gpu_presets_parse_and_instantiate(preset: str, expected: dict) -> None:
 
 def test_an_approximate_sampler_is_corrected_by_importance_weights(tmp_path: Path) -> None:
     """The bfloat16 sampler on the float32 tiny policy: every step logs the mean importance weight, close to 1
-    and not exactly 1 (the distributions differ slightly); the exact default logs none."""
+    and not exactly 1, and the mean log-prob gap between sampler and policy, small and not 0 (the distributions
+    differ slightly); the exact default logs neither."""
     logged = fit(tmp_path / "bf16", "--model.sampler=antipasto_pl.rollout.KVCacheSampler",
                  "--model.sampler.weights=bfloat16")
-    weights = logged["train/is_weight_mean"]
+    weights, gaps = logged["train/is_weight_mean"], logged["train/sampler_logp_gap"]
     assert len(weights) == 3 and all(0.8 < w < 1.2 for w in weights) and any(w != 1.0 for w in weights)
-    assert "train/is_weight_mean" not in fit(tmp_path / "exact")
+    assert len(gaps) == 3 and all(0 < g < 0.2 for g in gaps)
+    exact = fit(tmp_path / "exact")
+    assert "train/is_weight_mean" not in exact and "train/sampler_logp_gap" not in exact

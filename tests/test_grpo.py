@@ -11,6 +11,7 @@ from antipasto_pl.grpo import (
     k3_kl,
     per_sequence_loss,
     ppo_clip_token_loss,
+    sampler_logp_gap,
     sampling_log_probs,
     token_log_probs,
     truncated_importance_weights,
@@ -153,6 +154,13 @@ def test_truncated_importance_weights_by_hand():
     weights = truncated_importance_weights(policy.requires_grad_(), sampler, cap=3.0)
     torch.testing.assert_close(weights, torch.tensor([[2.0, 0.5, 3.0]]))
     assert not weights.requires_grad
+
+
+def test_sampler_logp_gap_by_hand():
+    # masked tokens' gaps |-1 - -1.5| = 0.5 and |-2 - -1| = 1; the third is padding
+    gap = sampler_logp_gap(torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, 0.0]]),
+                           torch.tensor([[1, 1, 0]]))
+    assert gap.item() == pytest.approx(0.75)
 
 
 def test_importance_weights_scale_each_tokens_gradient_and_are_logged():
