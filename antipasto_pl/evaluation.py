@@ -113,9 +113,13 @@ def flat_metrics(report: dict, prefix: str) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
+def eval_path(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir) / EVAL_FILE
+
+
 def write_eval(trainer: L.Trainer, report: dict, key: str = "final") -> Path:
     """Merge `report` under `key` into ``<default_root_dir>/eval.json`` (rank 0; written atomically)."""
-    path = Path(trainer.default_root_dir) / EVAL_FILE
+    path = eval_path(trainer)
     if trainer.is_global_zero:
         data = json.loads(path.read_text()) if path.is_file() else {}
         data[key] = report
@@ -133,6 +137,7 @@ class HeldOutEvaluation(Callback):
 
     def __init__(self, config: HeldOutConfig) -> None:
         self.config = config
+        self._loop_ended = False  # this fit's training loop ran to its on_train_end
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, key: str) -> None:
         problems = trainer.datamodule.test_problems
@@ -150,15 +155,21 @@ class HeldOutEvaluation(Callback):
         if self.config.at_start and trainer.global_step == 0:
             self._evaluate(trainer, pl_module, "untrained")
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loop_ended = False
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loop_ended = True
         if stop_signal(trainer) is None:  # an interrupted fit is not the end of training: resuming finishes it
             self._evaluate(trainer, pl_module, "final")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A fit resumed from a checkpoint already at ``max_steps`` (one killed during its final evaluation) runs
-        no training loop, and Lightning then calls no ``on_train_end``: evaluate here instead, on the device the
-        strategy has just moved the module off."""
-        if stop_signal(trainer) is not None or _evaluated_at(trainer, "final", trainer.global_step):
+        no training loop, and Lightning then calls no ``on_train_end``: evaluate here instead (unless eval.json
+        already holds this step's, written before the kill), on the device the strategy has just moved the module
+        off. Decided in-process, not from eval.json alone, which only rank 0 writes."""
+        if (self._loop_ended or stop_signal(trainer) is not None
+                or _evaluated_at(trainer, "final", trainer.global_step)):
             return
         device = pl_module.device
         pl_module.to(trainer.strategy.root_device)
@@ -170,7 +181,7 @@ class HeldOutEvaluation(Callback):
 
 def _evaluated_at(trainer: L.Trainer, key: str, step: int) -> bool:
     """Whether eval.json holds `key`'s evaluation of this step."""
-    path = Path(trainer.default_root_dir) / EVAL_FILE
+    path = eval_path(trainer)
     return path.is_file() and json.loads(path.read_text()).get(key, {}).get("step") == step
 
 

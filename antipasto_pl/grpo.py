@@ -35,8 +35,9 @@ def group_advantages(rewards: Tensor, scale_by_std: bool = False, eps: float = 1
     return torch.where(varies, advantages, torch.zeros_like(advantages))
 
 
-def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
-    """log_softmax(logits)[target] at every position.
+def target_log_probs(logits: Tensor, targets: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """log_softmax(logits)[target] at every position, of the distribution ``warp_logits`` makes of the logits
+    (by default the logits' own).
 
     In at least float32 (bf16 logits are upcast), one sequence at a time so the upcast copy of the
     (L, vocab) logits exists for one row only.
@@ -44,7 +45,8 @@ def target_log_probs(logits: Tensor, targets: Tensor) -> Tensor:
     # logits: (B, L, V), targets: (B, L) -> (B, L)
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     rows = [
-        torch.log_softmax(row.to(compute_dtype), dim=-1).gather(-1, target[:, None]).squeeze(-1)
+        torch.log_softmax(warp_logits(row.to(compute_dtype), temperature, top_p), dim=-1)
+        .gather(-1, target[:, None]).squeeze(-1)
         for row, target in zip(logits, targets)
     ]
     return torch.stack(rows)
@@ -70,11 +72,7 @@ def sampling_log_probs(logits: Tensor, targets: Tensor, temperature: float, top_
     (``warp_logits``), detached: what an exact sampler would have reported for the same tokens."""
     # logits: (B, L, V), targets: (B, L) -> (B, L)
     with torch.no_grad():
-        rows = [
-            torch.log_softmax(warp_logits(row.float(), temperature, top_p), dim=-1).gather(-1, target[:, None]).squeeze(-1)
-            for row, target in zip(logits, targets)
-        ]
-    return torch.stack(rows)
+        return target_log_probs(logits, targets, temperature, top_p)
 
 
 def truncated_importance_weights(policy_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
