@@ -97,3 +97,16 @@ def test_jsonl_problems_whose_canonical_fails_are_skipped_by_name(tmp_path: Path
     path.write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(ValueError, match=rf"{path}: the canonical_solution of every problem fails its own tests \({broken.id}\)"):
         load_problems(str(path))
+
+
+def test_bad_sampler_settings_are_refused_by_name(tmp_path: Path, monkeypatch, capsys) -> None:
+    message = cli_error(monkeypatch, capsys, *fit_args(tmp_path, "--model.importance_sampling_cap=0"))
+    assert "importance_sampling_cap must be > 0, got 0" in message
+    # An unknown sampler precision is a parse error (exit 2), named by the parser with the accepted values.
+    monkeypatch.setattr(sys, "argv", ["antipasto", *fit_args(tmp_path, "--model.sampler=antipasto_pl.rollout.KVCacheSampler",
+                                                             "--model.sampler.weights=int8")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert 'Parser key "weights"' in err and "Expected a typing.Literal['policy', 'bfloat16']. Got value: int8" in err
