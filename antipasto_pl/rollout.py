@@ -9,7 +9,8 @@ distribution at ``temperature`` / ``top_p`` (HF's warpers):
   cache, each distinct context prefilled once and its cache shared by all of its samples, finished rows dropped
   from the batch, and per-row stop strings. Models whose cache is not plain keys and values (Qwen3.5's
   GatedDeltaNet) fall back to ``hf_generate``. With ``weights: bfloat16`` a float32 policy is sampled from a
-  bfloat16 copy: approximately, and the trainer importance-weights those tokens.
+  bfloat16 copy (on a CPU with its weights prepacked for oneDNN): approximately, and the trainer importance-weights
+  those tokens.
 
 Every backend returns, per completion, the sampled token ids and their log-probs under the distribution it
 sampled from (after temperature and top-p; for greedy decoding, the policy's own log-probs). A backend that
@@ -223,19 +224,23 @@ class KVCacheSampler:
 
     Args:
         weights: ``policy``: sample on the policy's merged weights, exactly its distribution. ``bfloat16``: a
-            float32 policy samples from a bfloat16 copy of its merged weights (half the weight traffic, the
-            bottleneck of CPU decoding; refreshed whenever the vectors change). That is a slightly different
-            distribution: the reported log-probs are the copy's, and the trainer corrects the loss with
-            truncated importance weights (``grpo.truncated_importance_weights``, logged as
+            float32 policy samples from a bfloat16 copy of its merged weights (half the weight traffic). That is
+            a slightly different distribution: the reported log-probs are the copy's, and the trainer corrects
+            the loss with truncated importance weights (``grpo.truncated_importance_weights``, logged as
             ``train/is_weight_mean``). A policy already in bfloat16 samples on itself.
+        prepack: on a CPU, sample on a copy of the merged weights (``SamplingCopy``) whose products run in
+            oneDNN's prepacked layout (``PackedLinear``), refreshed after each change of the vectors. For
+            ``policy`` that copy is in the policy's own dtype: the same products up to rounding (about 1e-6
+            relative, as between two batch shapes), so still exact. Off: sample on the policy itself.
     """
 
-    def __init__(self, weights: Literal["policy", "bfloat16"] = "policy") -> None:
+    def __init__(self, weights: Literal["policy", "bfloat16"] = "policy", prepack: bool = True) -> None:
         if weights not in ("policy", "bfloat16"):
             raise ValueError(f"KVCacheSampler weights must be 'policy' or 'bfloat16', got {weights!r}")
         self.weights = weights
         self._fallback_logged: set[str] = set()
-        self._copy: LowPrecisionCopy | None = None
+        self.prepack = prepack
+        self._copy: SamplingCopy | None = None
 
     def samples_exactly(self, model: nn.Module) -> bool:
         """Whether completions come from the policy's own distribution (else they need importance weights)."""
@@ -252,9 +257,10 @@ class KVCacheSampler:
                 log.info("KVCacheSampler: %s caches more than plain keys and values (e.g. a linear-attention "
                          "state); sampling it with hf_generate instead", model_type)
             return hf_generate(model, tokenizer, contexts, num_samples, config)
-        if not self.samples_exactly(model):
-            if self._copy is None or self._copy.source is not model:
-                self._copy = LowPrecisionCopy(model, torch.bfloat16)
+        dtype = model.dtype if self.samples_exactly(model) else torch.bfloat16
+        if dtype != model.dtype or (self.prepack and packs_on(model.device, dtype)):
+            if self._copy is None or self._copy.source is not model or self._copy.dtype != dtype:
+                self._copy = SamplingCopy(model, dtype, self.prepack)
             return self._sample(self._copy.refreshed(), tokenizer, contexts, num_samples, config)
         with merged_weights(model):
             return self._sample(model, tokenizer, contexts, num_samples, config)
@@ -328,26 +334,75 @@ class KVCacheSampler:
         return cache, torch.stack(first).repeat_interleave(num_samples, dim=0)
 
 
-class LowPrecisionCopy:
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` that multiplies with its weight prepacked in oneDNN's blocked layout (``torch.ops.mkldnn``,
+    as Inductor's CPU freezing does). A plain product repacks the weight on every call, which at the 4 to 8 rows
+    of a decode step costs about as much as the product itself. ``pack`` must follow every change of ``weight``;
+    parameters and state-dict keys are the Linear's."""
+
+    packed: Tensor
+
+    @classmethod
+    def replacing(cls, linear: nn.Linear) -> PackedLinear:
+        """A PackedLinear on ``linear``'s own parameters (a weight tied to an embedding stays tied)."""
+        packed = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        packed.weight, packed.bias = linear.weight, linear.bias
+        packed.pack()
+        return packed
+
+    def pack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (..., d_in) -> (..., d_out)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+PACK_ROWS = 8  # the row count oneDNN's layout is chosen for: a decode step's batch
+
+
+def packs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``PackedLinear`` runs here: oneDNN on a CPU, with bfloat16 kernels for bfloat16 weights."""
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and (
+        dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class SamplingCopy:
     """A plain (unwrapped) copy of ``source`` with its parameters in ``dtype`` and every adapted weight merged
     (``W + U diag(delta) Vh`` for the adapters' current mode), re-merged by ``refreshed`` only when a vector or a
-    mode changed. Buffers (rotary frequencies) keep their precision."""
+    mode changed. Buffers (rotary frequencies) keep their precision. With ``prepack`` (where ``packs_on``) its
+    Linear layers are ``PackedLinear``. A refresh copies and repacks only the adapted layers."""
 
-    def __init__(self, source: nn.Module, dtype: torch.dtype) -> None:
-        self.source = source
+    def __init__(self, source: nn.Module, dtype: torch.dtype, prepack: bool = True) -> None:
+        self.source, self.dtype = source, dtype
         device = source.device
         # Its random initialisation, overwritten at once, must not move the seeded RNG.
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type), device:
             self.model = type(source)(source.config).eval().requires_grad_(False)
         for parameter in self.model.parameters():
             parameter.data = parameter.data.to(dtype)
-        self._key: tuple = ()
+        self.model.load_state_dict(merged_state_dict(source), strict=True)  # copy_ casts to dtype
+        if prepack and packs_on(device, dtype):
+            for name, linear in [(n, m) for n, m in self.model.named_modules() if type(m) is nn.Linear]:
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, PackedLinear.replacing(linear))
+        self._key = self._vectors()
 
+    def _vectors(self) -> tuple:
+        return tuple((a.mode, *(tensor_identity(t) for t in (a.delta_s, a.delta_s_hack)))
+                     for a in adapter_modules(self.source).values())
+
+    @torch.no_grad()
     def refreshed(self) -> nn.Module:
-        key = tuple((a.mode, *(tensor_identity(t) for t in (a.delta_s, a.delta_s_hack)))
-                    for a in adapter_modules(self.source).values())
+        key = self._vectors()
         if key != self._key:
-            self.model.load_state_dict(merged_state_dict(self.source), strict=True)  # copy_ casts to dtype
+            weights = merged_state_dict(self.source)
+            for name in adapter_modules(self.source):
+                linear = self.model.get_submodule(name)
+                linear.weight.copy_(weights[f"{name}.weight"])
+                if isinstance(linear, PackedLinear):
+                    linear.pack()
             self._key = key
         return self.model
 

@@ -8,10 +8,12 @@ so every variant produces the same token count (checked). Variants:
 
 * `hf, base model`: `hf_generate` on the unwrapped model;
 * `hf, adapter`: `hf_generate` on the wrapped model as the trainer uses it (float32: `merged_forward`);
-* `fast, adapter`: `KVCacheSampler` on the same wrapped model, exact (`weights: policy`);
-* `fast bf16, adapter`: `KVCacheSampler(weights="bfloat16")` (opt-in): a bfloat16 copy of the
-  merged weights, refreshed inside the timed call after every change of the vectors (an approximate sampler:
-  the trainer corrects its samples with importance weights).
+* `fast, adapter`: `KVCacheSampler` on the same wrapped model, exact (`weights: policy`): on a CPU it samples a
+  float32 copy of the merged weights prepacked for oneDNN (`rollout.PackedLinear`), refreshed inside the timed call
+  after every change of the vectors;
+* `fast bf16, adapter`: `KVCacheSampler(weights="bfloat16")` (opt-in): the same with a bfloat16 copy (an
+  approximate sampler: the trainer corrects its samples with importance weights);
+* `fast unpacked, adapter` (with `--unpacked`): `KVCacheSampler(prepack=False)`, exact on the policy itself.
 
 Before every adapter round the wrapped model's `delta_s` get new random values (N(0, delta_scale^2) on every
 module, as if an optimizer step had moved them) and `adapter.refresh_merged` folds them into the merged weights,
@@ -24,7 +26,7 @@ either fast variant meets it),
 adapter / base >= 0.95 (hf_generate).
 
     python benchmarks/rollout_throughput.py [--shapes 1x8 2x2] [--max-new-tokens 64] [--repeats 5]
-        [--warmup 1] [--r-max N] [--delta-scale 0.01] [--additive]
+        [--warmup 1] [--r-max N] [--delta-scale 0.01] [--additive] [--unpacked]
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main() -> None:
     parser.add_argument("--delta-scale", type=float, default=0.01, help="std of the random delta_s")
     parser.add_argument("--additive", action="store_true",
                         help="also time hf_generate without merged weights (the adapter term added in every layer)")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="also time the exact fast sampler on the policy itself (no prepacked copy)")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_args(parser)
     quiet_logs()
@@ -115,6 +119,8 @@ def main() -> None:
     variants = {"hf, base model": (hf_generate, base), "hf, adapter": (hf_generate, wrapped),
                 "fast, adapter": (KVCacheSampler(), wrapped),
                 "fast bf16, adapter": (KVCacheSampler(weights="bfloat16"), wrapped)}
+    if args.unpacked:
+        variants["fast unpacked, adapter"] = (KVCacheSampler(prepack=False), wrapped)
     if args.additive:
         variants["hf, adapter, additive"] = (hf_generate, wrapped)
     summary = []

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from antipasto_pl.adapter import adapter_modules, merged_state_dict
 from antipasto_pl.cli import AntipastoCLI
 from antipasto_pl.grpo import warp_logits
-from antipasto_pl.rollout import HFGenerate, KVCacheSampler, SamplingConfig, hf_generate
+from antipasto_pl.rollout import HFGenerate, KVCacheSampler, PackedLinear, SamplingConfig, hf_generate
 from antipasto_pl.sequences import group_batch, group_log_probs, scored_group
 
 # Contexts of different lengths, so the fast backend's cache is left-padded and masked.
@@ -37,17 +37,37 @@ def ids(groups) -> list[list[tuple[int, ...]]]:
     return [[c.token_ids for c in group] for group in groups]
 
 
-@pytest.mark.parametrize("name", KV_MODELS)
-def test_greedy_decoding_gives_the_tokens_and_log_probs_of_hf_generate(name: str) -> None:
-    model, tokenizer = moved_policy(name)
-    config = SamplingConfig(max_new_tokens=20, temperature=0)
-    reference = hf_generate(model, tokenizer, CONTEXTS, 2, config)
-    fast = KVCacheSampler()(model, tokenizer, CONTEXTS, 2, config)
+def assert_same_greedy(fast, reference) -> None:
     assert ids(fast) == ids(reference)
     for ref_group, fast_group in zip(reference, fast):
         for ref, got in zip(ref_group, fast_group):
             assert got.text == ref.text
             torch.testing.assert_close(torch.tensor(got.log_probs), torch.tensor(ref.log_probs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+@pytest.mark.parametrize("name", KV_MODELS)
+def test_greedy_decoding_gives_the_tokens_and_log_probs_of_hf_generate(name: str, prepack: bool) -> None:
+    model, tokenizer = moved_policy(name)
+    config = SamplingConfig(max_new_tokens=20, temperature=0)
+    assert_same_greedy(KVCacheSampler(prepack=prepack)(model, tokenizer, CONTEXTS, 2, config),
+                       hf_generate(model, tokenizer, CONTEXTS, 2, config))
+
+
+def test_the_prepacked_exact_copy_follows_an_optimizer_step() -> None:
+    """The exact sampler's prepacked float32 copy (on a CPU) is refreshed when the vectors change in place, as
+    an optimizer step changes them: greedy decoding stays hf_generate's on the policy itself."""
+    model, tokenizer = moved_policy("tiny-llama")
+    sampler, config = KVCacheSampler(), SamplingConfig(max_new_tokens=12, temperature=0)
+    assert_same_greedy(sampler(model, tokenizer, CONTEXTS, 1, config), hf_generate(model, tokenizer, CONTEXTS, 1, config))
+    copy = sampler._copy.model
+    assert {p.dtype for p in copy.parameters()} == {torch.float32}
+    assert isinstance(copy.get_submodule(next(iter(adapter_modules(model)))), PackedLinear)
+    with torch.no_grad():
+        for adapter in adapter_modules(model).values():
+            adapter.delta_s.mul_(-3.0)
+    assert_same_greedy(sampler(model, tokenizer, CONTEXTS, 1, config), hf_generate(model, tokenizer, CONTEXTS, 1, config))
+    assert sampler._copy.model is copy
 
 
 @pytest.mark.parametrize("name", KV_MODELS)
@@ -115,8 +135,33 @@ def test_bfloat16_weights_sample_from_a_refreshed_bfloat16_copy() -> None:
     with torch.no_grad():
         adapter_modules(model)[name].delta_s.add_(0.5)
     sampler(model, tokenizer, CONTEXTS[:1], 1, config)
-    merged = merged_state_dict(model)[f"{name}.weight"]
-    assert torch.equal(copy.get_parameter(f"{name}.weight"), merged.to(torch.bfloat16))
+    merged = merged_state_dict(model)[f"{name}.weight"].to(torch.bfloat16)
+    assert torch.equal(copy.get_parameter(f"{name}.weight"), merged)
+    # On a CPU the copy multiplies with prepacked weights: the repacked product is the new weight's.
+    linear = copy.get_submodule(name)
+    assert isinstance(linear, PackedLinear)
+    x = torch.randn(3, linear.in_features, dtype=torch.bfloat16)
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, merged, linear.bias), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_linear_multiplies_as_its_linear_and_follows_a_repack(dtype: torch.dtype) -> None:
+    """``PackedLinear`` keeps the Linear's parameters (a tied weight stays tied) and its products, for any batch
+    shape; after a change of the weight, ``pack`` makes the products the new weight's."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80, dtype=dtype)
+    packed = PackedLinear.replacing(linear)
+    assert packed.weight is linear.weight and list(packed.state_dict()) == ["weight", "bias"]
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for shape in [(48,), (3, 48), (2, 5, 48)]:
+        x = torch.randn(shape, dtype=dtype)
+        torch.testing.assert_close(packed(x), linear(x), **tolerance)
+    with torch.no_grad():
+        linear.weight.mul_(-2.0)
+    x = torch.randn(4, 48, dtype=dtype)
+    assert not torch.allclose(packed(x), linear(x), **tolerance)  # stale until repacked
+    packed.pack()
+    torch.testing.assert_close(packed(x), linear(x), **tolerance)
 
 
 def test_a_bad_weights_choice_is_refused() -> None:
@@ -131,8 +176,9 @@ def test_warped_logits_are_hfs_temperature_then_top_p() -> None:
         assert torch.equal(warp_logits(logits, temperature, top_p), expected)
 
 
-@pytest.mark.parametrize("sampler", [KVCacheSampler(), KVCacheSampler(weights="bfloat16"), HFGenerate()],
-                         ids=["kv_cache", "kv_cache_bf16", "hf_generate"])
+@pytest.mark.parametrize("sampler", [KVCacheSampler(), KVCacheSampler(prepack=False),
+                                     KVCacheSampler(weights="bfloat16"), HFGenerate()],
+                         ids=["kv_cache", "kv_cache_unpacked", "kv_cache_bf16", "hf_generate"])
 def test_the_same_seed_gives_the_same_samples(sampler) -> None:
     model, tokenizer = moved_policy("tiny-llama")
     config = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95)
