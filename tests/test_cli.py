@@ -128,9 +128,9 @@ def test_validate_test_and_predict_run_on_held_out_problems(tmp_path: Path) -> N
 
     def predict(name: str) -> list[dict]:
         out = tmp_path / name
-        main(["predict", *common, "--model.sampling.max_new_tokens=8", "--model.sampling.temperature=0",
-              "--model.eval_samples_per_prompt=2", "--trainer.callbacks+=antipasto_pl.callbacks.CompletionWriter",
-              f"--trainer.callbacks.output_file={out}"])
+        main(["predict", *common, f"--trainer.default_root_dir={tmp_path}", "--model.sampling.max_new_tokens=8",
+              "--model.sampling.temperature=0", "--model.eval_samples_per_prompt=2",
+              "--trainer.callbacks+=antipasto_pl.callbacks.CompletionWriter", f"--trainer.callbacks.output_file={out}"])
         return [json.loads(line) for line in out.read_text().splitlines()]
 
     first, second = predict("a.jsonl"), predict("b.jsonl")
