@@ -334,6 +334,9 @@ class KVCacheSampler:
         return cache, torch.stack(first).repeat_interleave(num_samples, dim=0)
 
 
+PACK_ROWS = 8  # the row count oneDNN's layout is chosen for: a decode step's batch
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` that multiplies with its weight prepacked in oneDNN's blocked layout (``torch.ops.mkldnn``,
     as Inductor's CPU freezing does). A plain product repacks the weight on every call, which at the 4 to 8 rows
@@ -357,9 +360,6 @@ class PackedLinear(nn.Linear):
         # x: (..., d_in) -> (..., d_out)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], self.out_features)
-
-
-PACK_ROWS = 8  # the row count oneDNN's layout is chosen for: a decode step's batch
 
 
 def packs_on(device: torch.device, dtype: torch.dtype) -> bool:
