@@ -26,21 +26,28 @@ whose rewards do not vary (no gradient), which TRL never does; with 64-token com
 backward like TRL (`--natural-advantages` measures the trainer as it is instead, and the table says how many
 steps had a backward).
 
-Warm-up steps first, then the median of `--repeats` steps each; the ratios are ours / TRL's median step time
+Each trainer is measured in a fresh Python process (`--in-process`: all in this one, one after another;
+a trainer measured after another one can then inherit its allocator and thread-pool state). Warm-up steps
+first, then the median of `--repeats` steps each; the ratios are ours / TRL's median step time
 (targets: <= 0.45 against the full fine-tune, <= 0.6 against TRL + LoRA), for each sampler.
 
     python benchmarks/step_vs_trl.py [--repeats 5] [--warmup 1] [--group-size 8] [--max-new-tokens 64]
         [--order antipasto-first|trl-first] [--natural-length] [--natural-advantages]
         [--trl-gradient-checkpointing] [--skip-trl] [--skip-lora] [--sampler-weights policy bfloat16]
+        [--in-process]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import contextlib
+import gc
+import json
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import lightning as L
 from _antipasto_run import ForceActive, StepTimer, first_batches, fit, make_data, make_module
@@ -168,6 +175,19 @@ def run_trl(args: argparse.Namespace, steps: int, problems: list[Problem], lora:
     return result
 
 
+def run_job(args: argparse.Namespace, job: str, steps: int, problems: list[Problem]) -> dict:
+    """One trainer's measurement (``antipasto:<weights>``, ``trl`` or ``trl-lora``); unless ``--in-process``, in a
+    fresh Python process, so that no trainer inherits another's allocator, thread-pool or oneDNN cache state."""
+    if args.in_process or args.job:
+        if job.startswith("antipasto:"):
+            return run_antipasto(args, steps, job.split(":")[1])
+        return run_trl(args, steps, problems, lora=job == "trl-lora")
+    with tempfile.TemporaryDirectory(prefix="step-vs-trl-") as tmp:
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--job", job, "--result-json", str(out)], check=True)
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="measured steps per trainer (median reported)")
@@ -186,7 +206,17 @@ def main() -> None:
     parser.add_argument("--sampler-weights", nargs="+", choices=["policy", "bfloat16"], default=["policy", "bfloat16"],
                         help="this trainer's KVCacheSampler weights, one run each")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every trainer in this process, one after another (default: each in its own)")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: the one trainer a child process measures
+    parser.add_argument("--result-json", help=argparse.SUPPRESS)
     args = parse_args(parser)
+    if args.job:  # a child of run_job: measure one trainer, hand its result back as JSON
+        quiet_logs()
+        problems = [b[0] for b in first_batches(1, args.warmup + args.repeats, args.seed)]
+        result = run_job(args, args.job, args.warmup + args.repeats, problems)
+        Path(args.result_json).write_text(json.dumps(result))
+        return
     quiet_logs()
     steps = args.warmup + args.repeats
     print(f"GRPO step vs TRL, SmolLM2-135M-Instruct on CPU: {machine_line()}")
@@ -197,19 +227,16 @@ def main() -> None:
     problems = [b[0] for b in batches]
     print("prompts: " + ", ".join(p.id for p in problems))
 
-    ours_by_weights: dict[str, dict] = {}
-    trl_result = lora_result = None
-    order = ["antipasto", "trl"] if args.order == "antipasto-first" else ["trl", "antipasto"]
-    for name in order:
-        if name == "antipasto":
-            for weights in args.sampler_weights:
-                ours = ours_by_weights[weights] = run_antipasto(args, steps, weights)
-                if [b[0] for b in ours["batches"]] != [p.id for p in problems]:
-                    print(f"WARNING: this trainer drew {ours['batches']}, expected {[p.id for p in problems]}")
-        elif not args.skip_trl:
-            trl_result = run_trl(args, steps, problems)
-            if not args.skip_lora:
-                lora_result = run_trl(args, steps, problems, lora=True)
+    jobs = [f"antipasto:{w}" for w in args.sampler_weights]
+    if not args.skip_trl:
+        trl_jobs = ["trl"] + ([] if args.skip_lora else ["trl-lora"])
+        jobs = jobs + trl_jobs if args.order == "antipasto-first" else trl_jobs + jobs
+    results = {job: run_job(args, job, steps, problems) for job in jobs}
+    ours_by_weights = {job.split(":")[1]: r for job, r in results.items() if job.startswith("antipasto:")}
+    for ours in ours_by_weights.values():
+        if [b[0] for b in ours["batches"]] != [p.id for p in problems]:
+            print(f"WARNING: this trainer drew {ours['batches']}, expected {[p.id for p in problems]}")
+    trl_result, lora_result = results.get("trl"), results.get("trl-lora")
 
     peers = [(f"TRL {r['version']} GRPOTrainer ({kind})", r) for kind, r in
              (("full FT", trl_result), (f"LoRA r={LORA_RANK}", lora_result)) if r is not None]
