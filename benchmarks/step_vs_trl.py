@@ -175,13 +175,18 @@ def run_trl(args: argparse.Namespace, steps: int, problems: list[Problem], lora:
     return result
 
 
+def measure(args: argparse.Namespace, job: str, steps: int, problems: list[Problem]) -> dict:
+    """One trainer's measurement in this process: ``antipasto:<weights>``, ``trl`` or ``trl-lora``."""
+    if job.startswith("antipasto:"):
+        return run_antipasto(args, steps, job.split(":")[1])
+    return run_trl(args, steps, problems, lora=job == "trl-lora")
+
+
 def run_job(args: argparse.Namespace, job: str, steps: int, problems: list[Problem]) -> dict:
-    """One trainer's measurement (``antipasto:<weights>``, ``trl`` or ``trl-lora``); unless ``--in-process``, in a
-    fresh Python process, so that no trainer inherits another's allocator, thread-pool or oneDNN cache state."""
-    if args.in_process or args.job:
-        if job.startswith("antipasto:"):
-            return run_antipasto(args, steps, job.split(":")[1])
-        return run_trl(args, steps, problems, lora=job == "trl-lora")
+    """`measure`, unless ``--in-process`` in a fresh Python process (this script with ``--job``), so that no
+    trainer inherits another's allocator, thread-pool or oneDNN cache state."""
+    if args.in_process:
+        return measure(args, job, steps, problems)
     with tempfile.TemporaryDirectory(prefix="step-vs-trl-") as tmp:
         out = Path(tmp) / "result.json"
         subprocess.run([sys.executable, __file__, *sys.argv[1:], "--job", job, "--result-json", str(out)], check=True)
@@ -211,20 +216,16 @@ def main() -> None:
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: the one trainer a child process measures
     parser.add_argument("--result-json", help=argparse.SUPPRESS)
     args = parse_args(parser)
-    if args.job:  # a child of run_job: measure one trainer, hand its result back as JSON
-        quiet_logs()
-        problems = [b[0] for b in first_batches(1, args.warmup + args.repeats, args.seed)]
-        result = run_job(args, args.job, args.warmup + args.repeats, problems)
-        Path(args.result_json).write_text(json.dumps(result))
-        return
     quiet_logs()
     steps = args.warmup + args.repeats
+    problems = [b[0] for b in first_batches(1, steps, args.seed)]
+    if args.job:  # a child of run_job: measure one trainer, hand its result back as JSON
+        Path(args.result_json).write_text(json.dumps(measure(args, args.job, steps, problems)))
+        return
     print(f"GRPO step vs TRL, SmolLM2-135M-Instruct on CPU: {machine_line()}")
     print(f"G={args.group_size}, {args.max_new_tokens} new tokens, 1 prompt per step, warm-up {args.warmup}, "
           f"median of {args.repeats}; forced length: {not args.natural_length}; "
           f"forced backward: {not args.natural_advantages}")
-    batches = first_batches(1, steps, args.seed)
-    problems = [b[0] for b in batches]
     print("prompts: " + ", ".join(p.id for p in problems))
 
     jobs = [f"antipasto:{w}" for w in args.sampler_weights]
