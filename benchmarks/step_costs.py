@@ -27,6 +27,9 @@ extraction   the pair gradients V is extracted from (`vhack.pair_gradients`) on 
              (`--extraction-batch` completions per backward, per-row probes) against one completion per
              forward and backward (batch 1), interleaved; target batch-1 / batched >= 3, and the largest
              difference between the two, relative to the norm of a completion's gradient on all modules.
+             Then the ceiling of any exact per-completion method over batch 1, from counted FLOPs (the
+             prompts' forwards are all that completions can share), the pass's FLOP rate against a plain
+             linear's, and the most a factored product could save (`print_extraction_ceiling`).
 memory       peak RSS of one training step (forward + backward of 8 rows, then an AdamW step) in a fresh
              subprocess per variant: the base model fine-tuned in full (gradients on every weight), the wrapped
              model at full rank, the wrapped model with r_max=64. Reported: RSS once loaded (weights, plus U/Vh
@@ -286,8 +289,72 @@ def part_extraction(args: argparse.Namespace) -> None:
     print(table(rows, ["pair_gradients", "wall time", "per completion"]))
     print(f"\nspeed-up per-completion / batched = {one / batched:.2f} ({verdict(one / batched, 3.0, True)}); "
           f"largest difference {worst:.2e} of a completion's gradient norm")
+    print_extraction_ceiling(model, tokenizer, texts, prefills, one)
     del model
     gc.collect()
+
+
+def linear_rate(x: torch.Tensor, weight: torch.Tensor, seconds: float = 2.0) -> float:
+    """FLOP/s of ``linear(x, weight)`` repeated for about ``seconds``, after a warm-up."""
+    with torch.no_grad():
+        for _ in range(3):
+            torch.nn.functional.linear(x, weight)
+        start, reps = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            torch.nn.functional.linear(x, weight)
+            reps += 1
+    return 2 * x.shape[0] * weight.numel() * reps / (time.perf_counter() - start)
+
+
+def print_extraction_ceiling(model: torch.nn.Module, tokenizer, texts: tuple[list[str], ...], prefills: list[str],
+                             wall_s: float) -> None:
+    """How much faster any exact per-completion method could be than batch 1, from counted work, not guessed.
+
+    Each completion's gradient needs its own backward through its prompt, so the most a method can share is the
+    prompt's forward (counted here by `FlopCounterMode`, with grad on, so with the probes' `Vh x` products).
+    The batch-1 pass's FLOP rate is set against a plain `linear` on the model's largest adapted shape at the
+    mean row length, as fast as these cores multiply. An adapted layer could also do its products through
+    the factors (`r (d_in + d_out)` each way, full rank only) instead of through `W_eff` plus one factor; the
+    third factor bounds that gain as if every FLOP were such a product. The ceiling is the three together."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from antipasto_pl.sequences import completion_token_ids, prompt_token_ids
+    from antipasto_pl.vhack import pair_gradients
+
+    prompts, hacks, cleans = texts
+    with FlopCounterMode(display=False) as counter:
+        pair_gradients(model, tokenizer, prompts, hacks, cleans, length_norm="sum", prefills=prefills, batch_size=1)
+    total = counter.get_total_flops()
+    prompt_ids = [torch.tensor(prompt_token_ids(tokenizer, p, f)) for p, f in zip(prompts, prefills)]
+    for a in adapter_modules(model).values():
+        a.delta_s.requires_grad_(True)  # the forward then keeps `Vh x` for backward, as under the probes
+    with FlopCounterMode(display=False) as counter, torch.enable_grad():
+        for ids in prompt_ids:
+            model(input_ids=ids[None], logits_to_keep=1)
+    prompt_forward = 2 * counter.get_total_flops()  # each prompt serves both sides of its pair
+    # One linear on the largest adapted weight, at a row's median length and at 8 rows' (a batch): what these
+    # cores sustain at best.
+    weight = max((m.weight for m in model.modules() if hasattr(m, "svd_adapter")), key=torch.Tensor.numel)
+    tokens = round(median([len(ids) + len(completion_token_ids(tokenizer, c)) for side in (hacks, cleans)
+                           for ids, c in zip(prompt_ids, side)]))
+    matmul_rate, shape = max((linear_rate(torch.randn(rows, weight.shape[1]), weight), rows)
+                             for rows in (tokens, 8 * tokens))
+    # Per token, through W_eff (+ Vh x forward, + U^T dy backward) against through U and Vh alone.
+    merged_way = factored_way = 0
+    for module in model.modules():
+        if hasattr(module, "svd_adapter"):
+            d_out, d_in = module.weight.shape
+            r = module.svd_adapter.rank
+            merged_way += 2 * d_out * d_in + r * (d_in + d_out)
+            factored_way += 2 * r * (d_in + d_out)
+    share, rate = total / (total - prompt_forward), matmul_rate / (total / wall_s)
+    factored = merged_way / factored_way
+    print(f"batch 1 work: {total / 1e12:.2f} TFLOP ({total / 2 / len(prompts) / 1e9:.1f} GFLOP per completion), "
+          f"prompt forwards {prompt_forward / total:.0%} of it; rate {total / wall_s / 1e9:.0f} GFLOP/s against "
+          f"{matmul_rate / 1e9:.0f} GFLOP/s for one linear ({shape}, {weight.shape[1]}) x {tuple(weight.shape)}")
+    print(f"ceiling for exact per-completion gradients: prompt forward shared {share:.2f}x * matmul rate "
+          f"{rate:.2f}x * factored products {factored:.2f}x = {share * rate * factored:.2f}x "
+          f"({verdict(share * rate * factored, 3.0, True)} against the 3x target)")
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
