@@ -311,9 +311,9 @@ def print_extraction_ceiling(model: torch.nn.Module, tokenizer, texts: tuple[lis
     """How much faster any exact per-completion method could be than batch 1, from counted work, not guessed.
 
     Each completion's gradient needs its own backward through its prompt, so the most a method can share is the
-    prompt's forward (counted here by `FlopCounterMode`, with grad on, so with the probes' `Vh x` products).
-    The batch-1 pass's FLOP rate is set against a plain `linear` on the model's largest adapted shape at the
-    mean row length, as fast as these cores multiply. An adapted layer could also do its products through
+    prompt's forward (counted here by `FlopCounterMode`, with grad on, so with the `Vh x` products backward keeps).
+    The batch-1 pass's FLOP rate is set against a plain `linear` of the model's largest adapted shape at one and
+    at eight rows' median length, the faster of the two: as fast as these cores multiply. An adapted layer could also do its products through
     the factors (`r (d_in + d_out)` each way, full rank only) instead of through `W_eff` plus one factor; the
     third factor bounds that gain as if every FLOP were such a product. The ceiling is the three together."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -326,35 +326,28 @@ def print_extraction_ceiling(model: torch.nn.Module, tokenizer, texts: tuple[lis
         pair_gradients(model, tokenizer, prompts, hacks, cleans, length_norm="sum", prefills=prefills, batch_size=1)
     total = counter.get_total_flops()
     prompt_ids = [torch.tensor(prompt_token_ids(tokenizer, p, f)) for p, f in zip(prompts, prefills)]
-    for a in adapter_modules(model).values():
-        a.delta_s.requires_grad_(True)  # the forward then keeps `Vh x` for backward, as under the probes
     with FlopCounterMode(display=False) as counter, torch.enable_grad():
         for ids in prompt_ids:
             model(input_ids=ids[None], logits_to_keep=1)
     prompt_forward = 2 * counter.get_total_flops()  # each prompt serves both sides of its pair
-    # One linear on the largest adapted weight, at a row's median length and at 8 rows' (a batch): what these
-    # cores sustain at best.
-    weight = max((m.weight for m in model.modules() if hasattr(m, "svd_adapter")), key=torch.Tensor.numel)
+    # Adapted shapes (d_out, d_in) and ranks, from the factors: U (d_out, r), Vh (r, d_in).
+    shapes = [(a.U.shape[0], a.Vh.shape[1], a.rank) for a in adapter_modules(model).values()]
+    d_out, d_in, _ = max(shapes, key=lambda shape: shape[0] * shape[1])
+    weight = torch.randn(d_out, d_in)
     tokens = round(median([len(ids) + len(completion_token_ids(tokenizer, c)) for side in (hacks, cleans)
                            for ids, c in zip(prompt_ids, side)]))
-    matmul_rate, shape = max((linear_rate(torch.randn(rows, weight.shape[1]), weight), rows)
-                             for rows in (tokens, 8 * tokens))
+    matmul_rate, rows = max((linear_rate(torch.randn(rows, d_in), weight), rows) for rows in (tokens, 8 * tokens))
     # Per token, through W_eff (+ Vh x forward, + U^T dy backward) against through U and Vh alone.
-    merged_way = factored_way = 0
-    for module in model.modules():
-        if hasattr(module, "svd_adapter"):
-            d_out, d_in = module.weight.shape
-            r = module.svd_adapter.rank
-            merged_way += 2 * d_out * d_in + r * (d_in + d_out)
-            factored_way += 2 * r * (d_in + d_out)
+    merged_way = sum(2 * o * i + r * (i + o) for o, i, r in shapes)
+    factored_way = sum(2 * r * (i + o) for o, i, r in shapes)
     share, rate = total / (total - prompt_forward), matmul_rate / (total / wall_s)
     factored = merged_way / factored_way
     print(f"batch 1 work: {total / 1e12:.2f} TFLOP ({total / 2 / len(prompts) / 1e9:.1f} GFLOP per completion), "
           f"prompt forwards {prompt_forward / total:.0%} of it; rate {total / wall_s / 1e9:.0f} GFLOP/s against "
-          f"{matmul_rate / 1e9:.0f} GFLOP/s for one linear ({shape}, {weight.shape[1]}) x {tuple(weight.shape)}")
+          f"{matmul_rate / 1e9:.0f} GFLOP/s for one linear ({rows}, {d_in}) x ({d_out}, {d_in})")
     print(f"ceiling for exact per-completion gradients: prompt forward shared {share:.2f}x * matmul rate "
           f"{rate:.2f}x * factored products {factored:.2f}x = {share * rate * factored:.2f}x "
-          f"({verdict(share * rate * factored, 3.0, True)} against the 3x target)")
+          f"({verdict(share * rate * factored, 3.0, True)})")
 
 
 # --- memory ---------------------------------------------------------------------------------------------------
